@@ -1,0 +1,162 @@
+"""Result notebook (visualize_lstm_gan.ipynb) and its headless runner (run_notebook.py).
+
+Kernel executions are slow (a few seconds each), so only three tests start one; the edge cases run the notebook's
+code cells in this process instead.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # for the in-process runs below
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from run_notebook import NotebookError, execute_notebook, main  # noqa: E402
+
+NOTEBOOK = ROOT / "visualize_lstm_gan.ipynb"
+SCALER = {"min": [2.5, -20.0, 0.0], "max": [4.2, 6.0, 50.0]}
+SECTIONS = ["losses", "sequences", "embeddings", "metrics"]
+
+
+def make_run(root: Path, epochs=(2, 4), scaler=SCALER, losses_rows=4, metrics_epoch=4) -> Path:
+    """A run folder in the trainer's format, with random but well-shaped arrays."""
+    run = root / "1700000000_lstm_gan"
+    run.mkdir()
+    config = {"args": {"epochs": 4, "s": 2, "ess": 8, "gid": 128}, "result_name": run.name, "device": "cpu",
+              "seed": 0, "seq_len": 30, "data_path": "data/lg_600_data.npy", "data_sha256": "0" * 64,
+              "scaler": scaler, "versions": {"numpy": np.__version__}, "soc_model": "soc_models/lstm.pt"}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = ["epoch,g_loss,d_loss,d_real,d_fake,gp,seconds"]
+    rows += [f"{e},{-0.1 * e},{0.5 / e},{1.0 / e},{-1.0 / e},{0.01 * e},1.5" for e in range(1, losses_rows + 1)]
+    (run / "losses.csv").write_text("\n".join(rows) + "\n")
+    (run / "best_generator.json").write_text(json.dumps({"loss": -0.4, "epoch": 4}))
+    rng = np.random.default_rng(0)
+    for e in epochs:
+        d = run / f"{e}_epoch"
+        d.mkdir()
+        np.save(d / "fake_data.npy", rng.random((8, 30, 4), dtype=np.float32))
+        np.save(d / "real_data.npy", rng.random((8, 30, 4), dtype=np.float32))
+        for name in ["pca_real", "pca_fake", "tsne_real", "tsne_fake"]:
+            np.save(d / f"{name}.npy", rng.normal(size=(8, 2)))
+        if e == metrics_epoch:
+            (d / "metrics.json").write_text(json.dumps({"mae_v": 0.01 * e, "rmse_soc": 0.02, "ok": True, "note": "x"}))
+    shutil.copy(NOTEBOOK, run / "result.ipynb")
+    return run
+
+
+def cells_by_tag(nb) -> dict:
+    return {tag: cell for cell in nb.cells for tag in cell.metadata.get("tags", [])}
+
+
+def n_png(cell) -> int:
+    return sum("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+
+
+def run_in_process(run: Path, monkeypatch) -> dict:
+    """Execute the notebook's code cells here (no kernel), cwd = run; returns the namespace."""
+    monkeypatch.chdir(run)
+    ns = {}
+    for cell in nbformat.read(NOTEBOOK, as_version=4).cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "<notebook>", "exec"), ns)
+    return ns
+
+
+def test_notebook_is_clean_and_small():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert set(SECTIONS) <= set(cells_by_tag(nb))
+    assert "torch" not in "".join(c.source for c in code)
+    assert NOTEBOOK.stat().st_size < 30_000
+
+
+def test_full_run_executes_with_figures(tmp_path):
+    run = make_run(tmp_path)
+    html = execute_notebook(run)
+    assert html == run / "result.html" and html.stat().st_size > 0
+    assert "data:image/png;base64" in html.read_text()
+    nb = nbformat.read(run / "result.ipynb", as_version=4)
+    outputs = [out for c in nb.cells if c.cell_type == "code" for out in c.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    tagged = cells_by_tag(nb)
+    assert n_png(tagged["losses"]) == 1
+    assert n_png(tagged["sequences"]) == 2  # one figure per epoch folder
+    assert n_png(tagged["embeddings"]) == 2
+    assert n_png(tagged["metrics"]) == 1
+    text = "".join(out.get("text", "") for out in outputs)
+    assert run.name in text and "epoch folders: [2, 4]" in text
+    assert not list(run.glob(".*.tmp"))  # atomic writes leave no temp file
+
+
+def test_run_without_epoch_folders_executes(tmp_path):
+    run = make_run(tmp_path, epochs=(), scaler=None, losses_rows=1)
+    execute_notebook(run)
+    nb = nbformat.read(run / "result.ipynb", as_version=4)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    tagged = cells_by_tag(nb)
+    assert n_png(tagged["losses"]) == 1  # a single epoch still draws
+    assert n_png(tagged["sequences"]) == n_png(tagged["metrics"]) == 0
+    assert "no <N>_epoch/ folder yet" in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_failing_cell_raises_notebook_error(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("raise ValueError('boom\\n42')")])
+    nbformat.write(nb, tmp_path / "result.ipynb")
+    with pytest.raises(NotebookError, match=r"result\.ipynb: cell 1 failed: ValueError: boom 42") as info:
+        execute_notebook(tmp_path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "result.html").exists()
+    saved = nbformat.read(tmp_path / "result.ipynb", as_version=4)  # kept, with the error shown
+    assert saved.cells[1].outputs[0].output_type == "error"
+
+
+@pytest.mark.parametrize("losses", ["", "epoch,g_loss,d_loss,d_real,d_fake,gp,seconds\n", None])
+def test_edge_cases_in_process(tmp_path, monkeypatch, capsys, losses):
+    run = make_run(tmp_path, epochs=(10, 2), scaler=None, metrics_epoch=None)
+    if losses is None:
+        (run / "losses.csv").unlink()
+    else:
+        (run / "losses.csv").write_text(losses)
+    (run / "2_epoch" / "tsne_fake.npy").unlink()
+    (run / "10_epoch" / "fake_data.npy").unlink()
+    ns = run_in_process(run, monkeypatch)
+    out = capsys.readouterr().out
+    assert "no losses recorded yet" in out
+    assert "10_epoch: real_data.npy or fake_data.npy missing" in out
+    assert [ns["epoch_of"](p) for p in ns["epoch_dirs"]] == [2, 10]  # numeric, not string order
+    assert ns["names"] == []  # no metrics.json anywhere: skipped silently
+    assert ns["channel_label"](0) == "Voltage (scaled 0..1)"
+
+
+def test_physical_units(tmp_path, monkeypatch):
+    ns = run_in_process(make_run(tmp_path), monkeypatch)
+    x = np.array([[[0.0, 0.0, 0.0, 0.3], [1.0, 1.0, 1.0, 0.7]]])
+    phys = ns["to_physical"](x)
+    np.testing.assert_allclose(phys[0, 0], [2.5, -20.0, 0.0, 0.3])
+    np.testing.assert_allclose(phys[0, 1], [4.2, 6.0, 50.0, 0.7])
+    assert ns["channel_label"](0) == "Voltage [V]" and ns["channel_label"](3) == "SOC [0..1]"
+    assert set(ns["metrics"].columns) == {"epoch", "mae_v", "rmse_soc"}  # bools and strings dropped
+
+
+def test_cli_missing_folder(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run_notebook.py"), str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "nope" in proc.stderr
+
+
+def test_cli_missing_notebook(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no notebook result.ipynb") and err.count("\n") == 1
