@@ -77,6 +77,7 @@ TABLE_COLUMNS = {"voltage": "Voltage [V]", "current": "Current [A]",
 TIME_COLUMNS = {"Time [s]": 1.0, "Time [min]": 60.0, "Time [h]": 3600.0}
 SOURCE_SUFFIXES = (".csv", ".parquet")  # looked for in this order: the original export wins
 OUT_COLUMNS = ["time_s", "voltage", "current", "temperature", "capacity"]
+NAN_TEXT = ["", "nan", "NaN"]  # empty cells read as NaN (the row is dropped); any other text is an error
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def _numeric(df: pd.DataFrame, columns: list[str], path: Path, first_line: int |
             df[col] = s.astype(np.float64)
             continue
         num = pd.to_numeric(s, errors="coerce")
-        bad = num.isna() & s.notna() & (s.astype(str).str.strip() != "")
+        bad = num.isna() & s.notna() & ~s.astype(str).str.strip().isin(NAN_TEXT)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             where = f"line {first_line + i}" if first_line is not None else f"data row {i + 1}"
@@ -147,11 +148,12 @@ def _read_digatron(path: Path, offset: int, names: list[str], has_units: bool) -
         try:
             df = pd.read_csv(f, header=None, names=names, usecols=DIGATRON_NEEDED, index_col=False,
                              dtype={c: np.float64 for c in numbers} | {"Status": str, "Prog Time": str},
-                             float_precision="round_trip", skip_blank_lines=False, encoding="latin-1")
+                             skip_blank_lines=False, encoding="latin-1",
+                             keep_default_na=False, na_values=NAN_TEXT)
         except ValueError:  # a non-number somewhere: read again as text to say where
             f.seek(offset)
             df = pd.read_csv(f, header=None, names=names, usecols=DIGATRON_NEEDED, index_col=False, dtype=str,
-                             skip_blank_lines=False, encoding="latin-1")
+                             skip_blank_lines=False, encoding="latin-1", keep_default_na=False)
             df = _numeric(df, numbers, path, first_line)
     time_s = _prog_time_seconds(df["Prog Time"], path, first_line)
     out = pd.DataFrame({
@@ -215,7 +217,8 @@ def read_discharge(path: str | Path) -> pd.DataFrame:
             out = _read_digatron(path, *sniff)
         else:
             try:
-                table = pd.read_csv(path, dtype=str, skip_blank_lines=True, encoding="latin-1")
+                table = pd.read_csv(path, dtype=str, skip_blank_lines=True, encoding="latin-1",
+                                    keep_default_na=False)
             except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
                 table = pd.DataFrame()
             known = set(TABLE_COLUMNS.values()) | set(TIME_COLUMNS)
