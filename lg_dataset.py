@@ -417,8 +417,7 @@ def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, re
             hashes.update(more)
         scaler = fit_scaler(scaler_arrays) | {"fitted_on": scaler_files}
     windows, index = _windows_for(found, arrays, raw_dir, seq_len, stride, scaler)
-    temps = sorted({i["temp"] for i in index}, key=lambda t: list(PAPER_TRAIN_FILES).index(t)
-                   if t in PAPER_TRAIN_FILES else 99)
+    temps = list(dict.fromkeys(i["temp"] for i in index))  # in the order the files were listed
     meta = {
         "source": SOURCE, "citation": CITATION, "license": LICENSE,
         "files": found,
