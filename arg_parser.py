@@ -1,0 +1,126 @@
+"""Command-line flags of train_lstm_gan.py: the paper's flags first, then this project's additions."""
+import argparse
+import sys
+
+PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; users asked for one line naming the problem."""
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"error: {message} (see python {self.prog} -h)\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _dropout(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _gpu_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1 -- got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="train_lstm_gan.py",
+                      description="Train the LSTM WGAN-GP of Wong et al. (Electronics 2023) on LG 18650HG2 windows.")
+    # --- the paper's flags: same short and long names, types and defaults as its table ---
+    p.add_argument("-t", "--train-report-interval", type=_positive_int, default=1,
+                   help="interval of logging epoch result during training")
+    p.add_argument("-b", "--batch-size", type=_positive_int, default=64, help="batch size")
+    p.add_argument("-d", "--data-path", default="./data/lg_600_data.npy", help="data path")
+    p.add_argument("-p", "--show-progress-bar", action="store_true", default=False,
+                   help="show a progress bar over epochs with ETA and current losses")
+    p.add_argument("-r", "--resume-model-name", default=None,
+                   help="the result name under the results directory to resume training")
+    p.add_argument("-s", "--save-epoch-interval", type=_positive_int, default=1000,
+                   help="epoch interval of saving model, checkpoint and evaluation (fake data, SOC labels, PCA, t-SNE)")
+    p.add_argument("-n", "--result-notebook", default="visualize_lstm_gan.ipynb",
+                   help="result notebook name that will copy to result directory")
+    p.add_argument("-e", "--gan-epochs", type=_positive_int, default=20000, help="number of epochs to train")
+    p.add_argument("-gid", "--generator-input-dim", type=_positive_int, default=128,
+                   help="generator input dimension")
+    p.add_argument("-dts", "--discriminator-train-steps", type=_positive_int, default=5,
+                   help="discriminator train steps")
+    p.add_argument("-gp", "--gradient-penalty-lambda-term", type=_non_negative_float, default=10.0,
+                   help="gradient penalty lambda term")
+    p.add_argument("-gdr", "--generator-dropout", type=_dropout, default=0.0,
+                   help="generator dropout rate, applied to the output of every LSTM block but the last "
+                        "(the original passed it to single-layer nn.LSTM, which ignores it)")
+    p.add_argument("-glr", "--generator-learning-rate", type=float, default=0.0001,
+                   help="generator learning rate")
+    p.add_argument("-gwd", "--generator-weight-decay", type=_non_negative_float, default=0.0,
+                   help="generator weight decay")
+    p.add_argument("-gab1", "--generator-adam-beta1", type=float, default=0.5, help="generator adam beta1")
+    p.add_argument("-gab2", "--generator-adam-beta2", type=float, default=0.999, help="generator adam beta2")
+    p.add_argument("-ddr", "--discriminator-dropout", type=_dropout, default=0.0,
+                   help="discriminator dropout rate, applied to the output of every LSTM block "
+                        "(the original passed it to single-layer nn.LSTM, which ignores it)")
+    p.add_argument("-dlr", "--discriminator-learning-rate", type=float, default=0.0001,
+                   help="discriminator learning rate")
+    p.add_argument("-dwd", "--discriminator-weight-decay", type=_non_negative_float, default=0.0,
+                   help="discriminator weight decay")
+    p.add_argument("-dab1", "--discriminator-adam-beta1", type=float, default=0.5,
+                   help="discriminator adam beta1")
+    p.add_argument("-dab2", "--discriminator-adam-beta2", type=float, default=0.999,
+                   help="discriminator adam beta2")
+    # The original code spells two long names differently from the paper's table; both are accepted.
+    p.add_argument("-ess", "--evaluate-sample-size", "--eval-sample-size", dest="evaluate_sample_size",
+                   type=_positive_int, default=4000, help="the generate data sample size on evaluation")
+    p.add_argument("-socs", "--soc-estimator-step", type=_positive_int, default=300,
+                   help="the soc estimator step size (window length)")
+    p.add_argument("-socmp", "--soc-estimator-model-path", default="./soc_models/",
+                   help="the pre-trained soc estimator model path")
+    p.add_argument("-socm", "--soc-estimator-model", "-socmn", "--soc-estimator-model-name",
+                   dest="soc_estimator_model", default=PAPER_SOC_MODEL,
+                   help="the pre-trained soc estimator model name (when the paper's file is absent, "
+                        "the model shipped in soc_models/ is used)")
+    # --- this project's additions ---
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)")
+    p.add_argument("--gpus", type=_gpu_ids, default=None,
+                   help="GPU ids for DataParallel, e.g. 0,1 (default: all visible GPUs)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
+    p.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
+    p.add_argument("--model-scale", type=float, default=1.0,
+                   help="scale every hidden width (1.0 = the paper's network; e.g. 0.125 for a CPU demo)")
+    p.add_argument("--norm-layout", choices=["paper", "channel"], default="paper",
+                   help="paper: the original reshape(B, C, 1, T) before Batch/InstanceNorm (mixes time and "
+                        "features, reproduced exactly); channel: normalise per feature channel")
+    p.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
+                   help="paper: gradient norm over time per (sample, feature) as the original; "
+                        "sample: per-sample norm over all time steps and features (Gulrajani et al.)")
+    p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
+                   help="aligned: compare real and synthetic over the same time steps; paper: real steps "
+                        "0..L-1 against synthetic steps T-L-1..T-2 as the original did")
+    p.add_argument("--soc-backend", choices=["torch", "keras"], default="torch",
+                   help="torch: exact port of the Keras SOC model (no TensorFlow needed); keras: Keras predict")
+    p.add_argument("--execute-notebook", action="store_true",
+                   help="execute result.ipynb headless at the end of training and write result.html")
+    return p
+
+
+def parse_arg(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.model_scale <= 0:
+        build_parser().error(f"argument --model-scale: must be > 0, got {args.model_scale}")
+    return args

@@ -1,0 +1,270 @@
+"""Evaluation metrics shared by the training loop and evaluate.py. Arrays are [n, steps, features], scaled:
+columns V, I, T min-max scaled with the training data's scaler, then SOC in 0..1.
+
+    quick_metrics(real, fake, scaler, seed)           cheap distribution and physics checks (~1 s on CPU)
+    all_metrics(real, fake, scaler, seed, device, ...) quick + post-hoc models (discriminative, predictive, TSTR)
+
+Every metric is a plain float in a flat dict, lower is better unless the name says otherwise (see METRIC_DOCS).
+Randomness comes from `seed` only (numpy Generator and a forked torch RNG), so the same seed gives the same
+numbers on the same CPU and the caller's global RNG state (e.g. the GAN trainer's) is left untouched.
+"""
+import math
+
+import numpy as np
+import torch
+from scipy.stats import wasserstein_distance
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from torch import nn
+from torch.nn import functional as F
+
+FEATURES = ("V", "I", "T", "SOC")
+V_LIMITS = (2.5, 4.2)     # volts: LG 18650HG2 datasheet discharge cut-off and charge voltage
+T_MARGIN = 5.0            # degC allowed beyond the training data's min..max temperature (the scaler's range)
+SOC_RISE_TOL = 1e-4       # SOC per 0.1 s step; the real training windows never rise by more while discharging
+ACF_MAX_LAG = 50          # autocorrelation lags compared: 1..50 steps = 0.1..5 s at 10 Hz
+QUICK_MAX_SEQ = 1000      # the quick metrics subsample each set to this many sequences (keeps them ~1 s)
+MMD_MAX_SEQ = 500         # MMD is quadratic in the sample count
+
+
+def step_means(x: np.ndarray) -> np.ndarray:
+    """The paper's input to PCA and t-SNE: per time step, the mean over the features -> [n, steps]."""
+    return x.mean(axis=2)
+
+
+def pca_tsne(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """PCA fitted on the real sequences, applied to both; t-SNE on both together (as the paper does)."""
+    real_f, fake_f = step_means(real), step_means(fake)
+    pca = PCA(n_components=2, random_state=seed).fit(real_f)
+    tsne = TSNE(n_components=2, init="pca", learning_rate="auto", random_state=seed,
+                perplexity=min(30.0, (len(real_f) + len(fake_f) - 1) / 3))
+    embedded = tsne.fit_transform(np.concatenate([real_f, fake_f]))
+    return {"pca_real": pca.transform(real_f), "pca_fake": pca.transform(fake_f),
+            "tsne_real": embedded[:len(real_f)], "tsne_fake": embedded[len(real_f):]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what each key means (evaluate.py writes it next to metrics.json; the README lists it)
+
+METRIC_DOCS = {
+    "w1_<F>": "lower: Wasserstein-1 distance between real and synthetic values of feature F (V, I, T, SOC), "
+              "pooled over all steps, in scaled units (0..1 = the training data's min..max)",
+    "w1_mean": "lower: mean of w1_<F> over the features",
+    "acf_diff_<F>": "lower: mean |ACF_real - ACF_fake| of feature F over lags 1..50 steps (0.1..5 s); "
+                    "ACF per sequence, averaged over sequences",
+    "acf_diff_mean": "lower: mean of acf_diff_<F> over the features",
+    "mmd2_rbf_flat": "lower: unbiased squared MMD, Gaussian RBF kernel exp(-d^2 / (2 s^2)) on whole flattened "
+                     "sequences (steps x features), s = median pairwise distance of the pooled sample "
+                     "(near 0, may be slightly negative, for equal distributions); dominated by levels",
+    "mmd2_rbf_diff": "lower: as mmd2_rbf_flat on the flattened step-to-step differences x[t+1] - x[t]: "
+                     "compares the dynamics, which the level-dominated flat MMD hardly sees",
+    "phys_v_out_of_limits": "lower: share of synthetic steps with voltage outside 2.5..4.2 V (LG HG2 limits)",
+    "phys_t_out_of_range": "lower: share of synthetic steps with temperature outside the training data's "
+                           "min..max temperature widened by 5 degC",
+    "phys_soc_out_of_range": "lower: share of synthetic steps with SOC outside [0, 1]",
+    "phys_soc_rise_while_discharging": "lower: of the synthetic steps with current < 0 (discharge), the share "
+                                       "where SOC rises by more than 1e-4 from the previous step",
+    "real_phys_<name>": "reference: the same physics check on the real sample (what 'good' looks like)",
+    "discriminative_score": "lower: |accuracy - 0.5| of a post-hoc 2-layer GRU classifier, real vs synthetic, "
+                            "on held-out 20 % (TimeGAN protocol); 0 = indistinguishable, 0.5 = trivially told apart",
+    "discriminative_accuracy": "closer to 0.5 is better: the held-out accuracy behind discriminative_score",
+    "predictive_mae": "lower: TimeGAN predictive score: a 2-layer GRU trained on synthetic sequences to predict "
+                      "every feature of the next step, MAE on real sequences (scaled units)",
+    "predictive_mae_real": "reference: the same predictor trained on other real sequences (train-on-real floor)",
+    "tstr_rmse_soc_pct": "lower: the paper's SOC LSTM trained on synthetic windows (label = SOC at the last "
+                         "step), RMSE on the real test cycles, SOC in %",
+    "tstr_mae_soc_pct": "lower: as tstr_rmse_soc_pct, mean absolute error",
+    "trtr_rmse_soc_pct": "reference: the same SOC LSTM trained on as many real training windows, same budget",
+    "trtr_mae_soc_pct": "reference: as trtr_rmse_soc_pct, mean absolute error",
+}
+
+
+def settings() -> dict:
+    """The fixed constants behind the metrics, for metrics_settings.json."""
+    return {"v_limits_V": list(V_LIMITS), "t_margin_degC": T_MARGIN, "soc_rise_tol": SOC_RISE_TOL,
+            "acf_max_lag": ACF_MAX_LAG, "quick_max_seq": QUICK_MAX_SEQ, "mmd_max_seq": MMD_MAX_SEQ,
+            "mmd_kernel": "gaussian rbf exp(-d^2 / (2 s^2)), s = median pairwise distance of the pooled sample; "
+                          "flat: flattened sequences, diff: flattened step-to-step differences"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quick metrics: distributions and physics
+
+def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """At most n sequences, drawn without replacement (all of them, in order, when there are fewer)."""
+    if len(x) <= n:
+        return x
+    return x[np.sort(rng.choice(len(x), n, replace=False))]
+
+
+def marginal_w1(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    out = {f"w1_{name}": float(wasserstein_distance(real[..., f].ravel(), fake[..., f].ravel()))
+           for f, name in enumerate(FEATURES[:real.shape[2]])}
+    out["w1_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def autocorrelation(x: np.ndarray, max_lag: int) -> np.ndarray:
+    """[n, L, F] -> [F, max_lag]: ACF at lags 1..max_lag of each sequence and feature, averaged over sequences.
+    A constant sequence has no defined ACF; it counts as 0 (no memory), so constant output is penalised."""
+    x = x.astype(np.float64)
+    xc = x - x.mean(axis=1, keepdims=True)
+    n_fft = 1 << (2 * x.shape[1] - 1).bit_length()   # zero padding: linear, not circular, correlation
+    spec = np.fft.rfft(xc, n=n_fft, axis=1)
+    ac = np.fft.irfft(spec * spec.conj(), n=n_fft, axis=1)[:, :max_lag + 1]
+    var = ac[:, :1]
+    acf = np.divide(ac[:, 1:], var, out=np.zeros_like(ac[:, 1:]), where=var > 1e-12)
+    return acf.mean(axis=0).T
+
+
+def acf_difference(real: np.ndarray, fake: np.ndarray, max_lag: int = ACF_MAX_LAG) -> dict[str, float]:
+    max_lag = min(max_lag, real.shape[1] - 1, fake.shape[1] - 1)
+    diff = np.abs(autocorrelation(real, max_lag) - autocorrelation(fake, max_lag)).mean(axis=1)
+    out = {f"acf_diff_{name}": float(d) for name, d in zip(FEATURES, diff)}
+    out["acf_diff_mean"] = float(diff.mean())
+    return out
+
+
+def mmd2_rbf(real: np.ndarray, fake: np.ndarray) -> float:
+    """Unbiased squared MMD with a Gaussian RBF kernel on flattened sequences; bandwidth by the median heuristic."""
+    x = torch.from_numpy(real.reshape(len(real), -1)).double()
+    y = torch.from_numpy(fake.reshape(len(fake), -1)).double()
+    d2 = torch.cdist(torch.cat([x, y]), torch.cat([x, y])).pow(2)
+    off_diag = ~torch.eye(len(d2), dtype=torch.bool)
+    sigma2 = d2[off_diag].median().clamp_min(1e-12)
+    k = torch.exp(-d2 / (2 * sigma2))
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    mmd2 = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+            - 2 * kxy.mean())
+    return float(mmd2)
+
+
+def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
+    """Shares of physically implausible steps, in physical units (limits: see the constants at the top)."""
+    lo, hi = np.asarray(scaler["min"], np.float64), np.asarray(scaler["max"], np.float64)
+    phys = x[..., :3].astype(np.float64) * (hi - lo) + lo
+    v, i, t = phys[..., 0], phys[..., 1], phys[..., 2]
+    out = {"phys_v_out_of_limits": float(((v < V_LIMITS[0]) | (v > V_LIMITS[1])).mean()),
+           "phys_t_out_of_range": float(((t < lo[2] - T_MARGIN) | (t > hi[2] + T_MARGIN)).mean())}
+    if x.shape[2] > 3:
+        soc = x[..., 3].astype(np.float64)
+        out["phys_soc_out_of_range"] = float(((soc < 0) | (soc > 1)).mean())
+        discharging = i[:, 1:] < 0
+        rising = np.diff(soc, axis=1) > SOC_RISE_TOL
+        out["phys_soc_rise_while_discharging"] = float((discharging & rising).sum() / max(1, discharging.sum()))
+    return out
+
+
+def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int) -> dict[str, float]:
+    """Marginal W1 per feature, ACF difference, MMD (and physics sanity when a scaler is given).
+    real and fake: [n, L, F] over the same steps. Each set is subsampled to QUICK_MAX_SEQ sequences."""
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f"real {real.shape} and fake {fake.shape} must have the same steps and features")
+    rng = np.random.default_rng(seed)
+    real_s, fake_s = subsample(real, QUICK_MAX_SEQ, rng), subsample(fake, QUICK_MAX_SEQ, rng)
+    out = marginal_w1(real_s, fake_s)
+    out.update(acf_difference(real_s, fake_s))
+    real_m, fake_m = subsample(real_s, MMD_MAX_SEQ, rng), subsample(fake_s, MMD_MAX_SEQ, rng)
+    out["mmd2_rbf_flat"] = mmd2_rbf(real_m, fake_m)
+    out["mmd2_rbf_diff"] = mmd2_rbf(np.diff(real_m, axis=1), np.diff(fake_m, axis=1))
+    if scaler is not None:
+        out.update(physics_sanity(fake, scaler))
+        out.update({f"real_{k}": v for k, v in physics_sanity(real, scaler).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# post-hoc models: discriminative and predictive scores (TimeGAN, Yoon et al. 2019), TSTR for SOC estimation
+
+class PostHocGRU(nn.Module):
+    """2-layer GRU; the head reads the last step (one output per sequence) or every step."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int):
+        super().__init__()
+        self.rnn = nn.GRU(n_in, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor, every_step: bool = False) -> torch.Tensor:
+        h, _ = self.rnn(x)
+        return self.head(h if every_step else h[:, -1])
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, epochs: int, batch_size: int,
+        lr: float, generator: torch.Generator, **forward_kw) -> nn.Module:
+    """Plain Adam mini-batch training; x and y already on the model's device, batches drawn with `generator`."""
+    optim = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+            idx = idx.to(x.device)
+            optim.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx], **forward_kw), y[idx]).backward()
+            optim.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, **forward_kw) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch_size], **forward_kw) for i in range(0, len(x), batch_size)])
+
+
+def seeded(seed: int, device: torch.device):
+    """A forked torch RNG seeded with `seed`: reproducible models, and the caller's RNG state is restored after."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    ctx = torch.random.fork_rng(devices=devices)
+    ctx.__enter__()
+    torch.manual_seed(seed)
+    return ctx
+
+
+def discriminative_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torch.device, epochs: int = 20,
+                         hidden: int = 32, batch_size: int = 32, max_seq: int = 1000) -> dict[str, float]:
+    """TimeGAN's discriminative score: a post-hoc 2-layer GRU learns real (1) vs synthetic (0) on 80 % of a
+    balanced sample; score = |held-out accuracy - 0.5|."""
+    rng = np.random.default_rng(seed)
+    n = min(len(real), len(fake), max_seq)
+    real, fake = subsample(real, n, rng)[rng.permutation(n)], subsample(fake, n, rng)[rng.permutation(n)]
+    n_train = max(1, int(round(0.8 * n)))
+    to = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+    x_train = to(np.concatenate([real[:n_train], fake[:n_train]]))
+    y_train = to(np.r_[np.ones(n_train), np.zeros(n_train)])[:, None]
+    x_test = to(np.concatenate([real[n_train:], fake[n_train:]]))
+    y_test = np.r_[np.ones(n - n_train), np.zeros(n - n_train)]
+    ctx = seeded(seed, device)
+    try:
+        model = PostHocGRU(real.shape[2], hidden, 1).to(device)
+        g = torch.Generator().manual_seed(seed)
+        fit(model, x_train, y_train, F.binary_cross_entropy_with_logits, epochs, batch_size, 3e-3, g)
+        guess = (predict(model, x_test)[:, 0] > 0).cpu().numpy()
+    finally:
+        ctx.__exit__(None, None, None)
+    acc = float((guess == y_test).mean()) if len(y_test) else 0.5
+    return {"discriminative_score": abs(acc - 0.5), "discriminative_accuracy": acc}
+
+
+def predictive_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torch.device, epochs: int = 20,
+                     hidden: int = 32, batch_size: int = 32, max_seq: int = 1000) -> dict[str, float]:
+    """TimeGAN's predictive score (train on synthetic, test on real): a 2-layer GRU predicts every feature of
+    step t+1 from steps 0..t; MAE on one half of the real sample. The same model trained on the other real half
+    gives the train-on-real reference."""
+    rng = np.random.default_rng(seed + 1)
+    real = subsample(real, max_seq, rng)[rng.permutation(min(len(real), max_seq))]
+    fake = subsample(fake, max_seq, rng)
+    half = max(1, len(real) // 2)
+    real_train, real_test = real[:half], real[half:] if len(real) > 1 else real
+    to = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+    x_test = to(real_test)
+    out = {}
+    for key, train in (("predictive_mae", fake), ("predictive_mae_real", real_train)):
+        ctx = seeded(seed, device)
+        try:
+            model = PostHocGRU(real.shape[2], hidden, real.shape[2]).to(device)
+            x = to(train)
+            g = torch.Generator().manual_seed(seed)
+            fit(model, x[:, :-1], x[:, 1:], F.l1_loss, epochs, batch_size, 3e-3, g, every_step=True)
+            out[key] = float(F.l1_loss(predict(model, x_test[:, :-1], every_step=True), x_test[:, 1:]))
+        finally:
+            ctx.__exit__(None, None, None)
+    return out

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny slice of the shipped real LG windows and a random-weight SOC model file."""
+import os
+import sys
+from pathlib import Path
+
+# Tiny shapes run fastest on one thread, and the CI machine's two cores are shared with subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """24 real windows of 40 steps (V, I, T, SOC) cut from data/lg_600_data.npy: real numbers, tiny shapes."""
+    windows = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")
+    path = tmp_path_factory.mktemp("data") / "tiny.npy"
+    np.save(path, np.ascontiguousarray(windows[::80][:24, :40]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def soc_model(tmp_path_factory) -> Path:
+    """The paper's SOC network with random weights, saved as a Keras .h5 by the project's writer."""
+    from soc_estimator import SOCLSTM, save_keras_h5
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("soc") / "random_soc.h5"
+    save_keras_h5(SOCLSTM(), path)
+    return path

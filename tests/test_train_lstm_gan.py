@@ -1,0 +1,315 @@
+"""The GAN trainer: CLI, networks, WGAN-GP loop, results folder, checkpoint/resume, bad input."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import arg_parser
+import gan_trainer_base
+from gan_trainer_base import BatchSampler, gradient_penalty
+from train_lstm_gan import Discriminator, Generator, main, normalize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (short, long, default) of the paper's table (the tutorial's section 7.3)
+PAPER_FLAGS = [
+    ("-t", "--train-report-interval", 1), ("-b", "--batch-size", 64),
+    ("-d", "--data-path", "./data/lg_600_data.npy"), ("-p", "--show-progress-bar", False),
+    ("-r", "--resume-model-name", None), ("-s", "--save-epoch-interval", 1000),
+    ("-n", "--result-notebook", "visualize_lstm_gan.ipynb"), ("-e", "--gan-epochs", 20000),
+    ("-gid", "--generator-input-dim", 128), ("-dts", "--discriminator-train-steps", 5),
+    ("-gp", "--gradient-penalty-lambda-term", 10.0), ("-gdr", "--generator-dropout", 0.0),
+    ("-glr", "--generator-learning-rate", 0.0001), ("-gwd", "--generator-weight-decay", 0.0),
+    ("-gab1", "--generator-adam-beta1", 0.5), ("-gab2", "--generator-adam-beta2", 0.999),
+    ("-ddr", "--discriminator-dropout", 0.0), ("-dlr", "--discriminator-learning-rate", 0.0001),
+    ("-dwd", "--discriminator-weight-decay", 0.0), ("-dab1", "--discriminator-adam-beta1", 0.5),
+    ("-dab2", "--discriminator-adam-beta2", 0.999), ("-ess", "--evaluate-sample-size", 4000),
+    ("-socs", "--soc-estimator-step", 300), ("-socmp", "--soc-estimator-model-path", "./soc_models/"),
+    ("-socm", "--soc-estimator-model",
+     "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"),
+]
+
+
+def tiny_args(data, soc_model, results, *extra):
+    return ["-d", str(data), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "--results-dir", str(results),
+            "--model-scale", "0.0625", "-gid", "8", "-b", "8", "-dts", "2", "-socs", "20", "-ess", "12",
+            "--device", "cpu", "--seed", "7", *extra]
+
+
+def run_dirs(results: Path) -> list[Path]:
+    return sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []
+
+
+def read_losses(run: Path) -> list[list[str]]:
+    with open(run / "losses.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+
+def test_help_lists_every_paper_flag_with_its_default():
+    parser = arg_parser.build_parser()
+    help_text = parser.format_help()
+    by_dest = {a.dest: a for a in parser._actions}
+    for short, long, default in PAPER_FLAGS:
+        assert f"{short}," in help_text or f"{short} " in help_text, short
+        assert long in help_text, long
+        action = next(a for a in parser._actions if long in a.option_strings)
+        assert short in action.option_strings
+        assert action.default == default, (long, action.default)
+    assert len(PAPER_FLAGS) == 25
+    assert by_dest["evaluate_sample_size"].option_strings[-1] == "--eval-sample-size"   # the code's spelling
+
+
+def test_parser_rejects_non_positive_values_with_one_line(capsys):
+    for flags in (["-e", "0"], ["-b", "-3"], ["-s", "0"], ["--model-scale", "0"], ["-gdr", "1.5"]):
+        with pytest.raises(SystemExit) as exc:
+            arg_parser.parse_arg(flags)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err
+
+
+# ---- networks ------------------------------------------------------------------------------------------------
+
+def lstm_params(inp, hidden):
+    return 4 * hidden * (inp + hidden) + 2 * 4 * hidden   # W_ih, W_hh and the two bias vectors
+
+
+def test_parameter_counts_equal_the_original_networks():
+    g_widths = [128, 1024, 512, 256, 128]
+    expected_g = sum(lstm_params(a, b) + 2 * b for a, b in zip(g_widths, g_widths[1:])) + lstm_params(128, 3)
+    d_widths = [3, 128, 256, 512, 1024]
+    expected_d = sum(lstm_params(a, b) for a, b in zip(d_widths, d_widths[1:])) + 1024 + 1   # InstanceNorm: none
+    assert sum(p.numel() for p in Generator(128, 3, 600).parameters()) == expected_g == 8_868_156
+    assert sum(p.numel() for p in Discriminator(3).parameters()) == expected_d == 8_340_993
+
+
+def test_paper_layout_reproduces_the_original_reshape_quirk():
+    torch.manual_seed(0)
+    b, t, c = 3, 5, 4
+    x = torch.randn(b, t, c)
+    norm = torch.nn.BatchNorm2d(c).train()
+    got = normalize(x, norm, "paper")
+    # by hand: each sample's [t*c] memory read as c rows of t values; each row index is a "channel"
+    rows = x.reshape(b, c, t).numpy()
+    mean = rows.mean(axis=(0, 2), keepdims=True)
+    var = rows.var(axis=(0, 2), keepdims=True)
+    expected = ((rows - mean) / np.sqrt(var + norm.eps)).transpose(0, 2, 1)
+    np.testing.assert_allclose(got.detach().numpy(), expected, atol=1e-5)
+    # ... which is not per-feature normalisation
+    per_feature = normalize(x, torch.nn.BatchNorm2d(c).train(), "channel").detach().numpy()
+    xf = x.numpy()
+    np.testing.assert_allclose(per_feature, (xf - xf.mean((0, 1))) / np.sqrt(xf.var((0, 1)) + 1e-5), atol=1e-5)
+    assert not np.allclose(per_feature, expected, atol=1e-3)
+
+
+def test_dropout_really_applies():
+    torch.manual_seed(0)
+    g = Generator(8, 3, 10, dropout=0.5, scale=0.05).train()
+    z = torch.randn(2, 10, 8)
+    assert not torch.allclose(g(z), g(z))                      # dropout masks differ between calls
+    g.eval()
+    assert torch.allclose(g(z), g(z))
+    d = Discriminator(3, dropout=0.5, scale=0.05).train()
+    x = torch.randn(2, 10, 3)
+    assert not torch.allclose(d(x), d(x))
+
+
+class LinearCritic(torch.nn.Module):
+    """critic(x) = sum(w * x): its gradient is w everywhere, so the penalty can be computed by hand."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x):
+        return (x * self.w).sum(dim=(1, 2)).unsqueeze(1)
+
+
+def test_gradient_penalty_norms_by_hand():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3)
+    real, fake = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    critic = LinearCritic(w)
+    paper = gradient_penalty(critic, real, fake, 10.0, "paper").item()
+    sample = gradient_penalty(critic, real, fake, 10.0, "sample").item()
+    assert paper == pytest.approx(10 * ((w.norm(dim=0) - 1) ** 2).mean().item(), rel=1e-5)   # over time
+    assert sample == pytest.approx(10 * (w.norm() - 1).item() ** 2, rel=1e-5)                # per sample
+    # a short batch (the original sized eta from the configured batch and crashed)
+    assert gradient_penalty(critic, real[:1], fake[:1], 10.0).item() == pytest.approx(paper, rel=1e-5)
+
+
+def test_sampler_makes_persistent_passes_with_a_short_last_batch():
+    s = BatchSampler(10, 4, seed=1)
+    batches = [s.next_indices() for _ in range(6)]
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(10))
+    state = s.state_dict()
+    after = [s.next_indices() for _ in range(4)]
+    s2 = BatchSampler(10, 4, seed=99)
+    s2.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, [s2.next_indices() for _ in range(4)]))
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------
+
+def test_tiny_run_creates_the_whole_results_folder(tiny_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "4", "-s", "2", "-p")) == 0
+    [run] = run_dirs(results)
+    assert run.name.endswith("_lstm_gan") and run.name.split("_")[0].isdigit()
+    for name in ("config.json", "result.ipynb", "losses.csv", "checkpoint.pt", "best_generator.pth",
+                 "best_discriminator.pth", "best_generator.json", "best_discriminator.json"):
+        assert (run / name).is_file(), name
+    rows = read_losses(run)
+    assert rows[0] == ["epoch", "g_loss", "d_loss", "d_real", "d_fake", "gp"]
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert all(np.isfinite(float(v)) for r in rows[1:] for v in r[1:])
+    config = json.loads((run / "config.json").read_text())
+    assert config["seed"] == 7 and config["device"] == "cpu" and len(config["data_sha256"]) == 64
+    assert config["args"]["gan_epochs"] == 4 and "torch" in config["versions"]
+    for epoch in (2, 4):
+        folder = run / f"{epoch}_epoch"
+        fake = np.load(folder / "fake_data.npy")
+        # T = 40, socs = 20: L = min(20, 40 - 20) = 20 steps (19..38) plus SOC
+        assert fake.shape == (12, 20, 4) and np.isfinite(fake).all()
+        for name, rows_expected in (("pca_real", 12), ("pca_fake", 12), ("tsne_real", 12), ("tsne_fake", 12)):
+            assert np.load(folder / f"{name}.npy").shape == (rows_expected, 2)
+        state = torch.load(folder / "generator.pth")
+        assert not any(k.startswith("module.") for k in state)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 4 and set(ckpt) >= {"generator", "discriminator", "g_optim", "d_optim", "rng", "best"}
+    best = json.loads((run / "best_generator.json").read_text())
+    g_losses = [float(r[1]) for r in rows[1:]]
+    assert best == {"loss": min(g_losses), "epoch": 1 + g_losses.index(min(g_losses))}
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*"))
+
+
+def test_fake_data_soc_column_comes_from_the_estimator(tiny_data, soc_model, tmp_path):
+    from soc_estimator import SOCEstimator
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "1", "-s", "1")) == 0
+    [run] = run_dirs(results)
+    fake = np.load(run / "1_epoch" / "fake_data.npy")
+    # the stored steps 19..38 are exactly the 20-step window that ends at the last stored step
+    soc_last = SOCEstimator.load(soc_model).label(fake[:, :, :3], window=20)[:, 0]
+    np.testing.assert_allclose(fake[:, -1, 3], soc_last, atol=1e-5)
+
+
+def test_two_runs_in_the_same_second_get_different_folders(tiny_data, soc_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(gan_trainer_base.time, "time", lambda: 1_700_000_000.0)
+    results = tmp_path / "results"
+    for _ in range(2):
+        assert main(tiny_args(tiny_data, soc_model, results, "-e", "1")) == 0
+    assert [p.name for p in run_dirs(results)] == ["1700000000_lstm_gan", "1700000001_lstm_gan"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_losses(tiny_data, soc_model, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    full = tmp_path / "full"
+    args = tiny_args(tiny_data, soc_model, full, "-e", "12", "-s", "3")
+    assert main(args) == 0
+    [reference] = run_dirs(full)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(tiny_data, soc_model, killed, "-e", "12",
+                                                                       "-s", "3")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:   # kill it between two checkpoints, with rows written after the last one
+        runs = run_dirs(killed)
+        if runs and (runs[0] / "checkpoint.pt").exists() and len(read_losses(runs[0])) - 1 >= 4 \
+                and (len(read_losses(runs[0])) - 1) % 3 != 0:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [run] = run_dirs(killed)
+    done = len(read_losses(run)) - 1
+    assert done < 12, "the run finished before it could be killed; make it longer"
+    assert main(["-r", run.name, "--results-dir", str(killed)]) == 0
+    assert read_losses(run) == read_losses(reference)
+    assert sorted(p.name for p in run.glob("*_epoch")) == sorted(p.name for p in reference.glob("*_epoch"))
+    np.testing.assert_array_equal(np.load(run / "12_epoch" / "fake_data.npy"),
+                                  np.load(reference / "12_epoch" / "fake_data.npy"))
+
+
+def test_resume_can_extend_training(tiny_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "2")) == 0
+    [run] = run_dirs(results)
+    assert main(["-r", run.name, "--results-dir", str(results), "-e", "3"]) == 0
+    assert [r[0] for r in read_losses(run)[1:]] == ["1", "2", "3"]
+    assert json.loads((run / "config.json").read_text())["resumed"][0]["at_epoch"] == 2
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+def bad_npy(tmp_path, name, array):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "not_npy", "rank", "features", "nan", "short", "batch", "device",
+                                  "gpu", "notebook", "soc_missing"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    good = np.load(tiny_data)
+    data, extra = tiny_data, []
+    if case == "missing":
+        data = tmp_path / "nope.npy"
+    elif case == "not_npy":
+        data = tmp_path / "text.npy"
+        data.write_text("not an array")
+    elif case == "rank":
+        data = bad_npy(tmp_path, "rank.npy", good[:, :, 0])
+    elif case == "features":
+        data = bad_npy(tmp_path, "features.npy", good[:, :, :2])
+    elif case == "nan":
+        broken = good.copy()
+        broken[1, 2, 0] = np.nan
+        data = bad_npy(tmp_path, "nan.npy", broken)
+    elif case == "short":
+        extra = ["-socs", "40"]
+    elif case == "batch":
+        extra = ["-b", "1000"]
+    elif case == "device":
+        extra = ["--device", "tpu"]
+    elif case == "gpu":
+        extra = ["--device", "cpu", "--gpus", "0"]
+    elif case == "notebook":
+        extra = ["-n", str(tmp_path / "missing.ipynb")]
+    elif case == "soc_missing":
+        extra = ["-socm", "missing.h5"]
+    code = main(tiny_args(data, soc_model, results, "-e", "1", *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err, err
+    assert not results.exists()
+
+
+def test_resume_errors(tiny_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["-r", "nope", "--results-dir", str(results)]) == 2
+    assert "no such run" in capsys.readouterr().err
+    (results / "123_lstm_gan").mkdir(parents=True)
+    assert main(["-r", "123_lstm_gan", "--results-dir", str(results)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "1")) == 0
+    run = [p for p in run_dirs(results) if p.name != "123_lstm_gan"][0]
+    before = read_losses(run)
+    assert main(["-r", run.name, "--results-dir", str(results), "--model-scale", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "incompatible architecture" in err and "\n" not in err
+    assert read_losses(run) == before

@@ -1,0 +1,119 @@
+"""The paper's LSTM WGAN-GP: generator, critic (the paper's "discriminator"), and the trainer that ties them to
+the shared loop in gan_trainer_base.py.
+
+    python train_lstm_gan.py                      # the paper's defaults, on the shipped LG 18650HG2 windows
+    python train_lstm_gan.py --model-scale 0.125 -e 20 -s 10 -ess 64   # a CPU demo
+"""
+import sys
+
+import torch
+from torch import nn
+from torch.optim import Adam
+
+from arg_parser import parse_arg
+from gan_trainer_base import GANTrainerBase, UserError
+
+GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
+CRITIC_WIDTHS = (128, 256, 512, 1024)
+
+
+def scaled(width: int, scale: float) -> int:
+    return max(1, round(width * scale))
+
+
+def normalize(x: torch.Tensor, norm: nn.Module, layout: str) -> torch.Tensor:
+    """x: [B, T, C] LSTM output. 'paper' reproduces the original's reshape(B, C, 1, T), which reinterprets the
+    memory of [T, C] as [C, T] (mixing time and feature positions) and returns the result permuted back."""
+    b, t, c = x.shape
+    if layout == "paper":
+        return norm(x.reshape(b, c, 1, t)).squeeze(2).permute(0, 2, 1)
+    return norm(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
+
+
+class Generator(nn.Module):
+    """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
+    no output activation. Module names match the original so its state dicts load."""
+
+    def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
+                 scale: float = 1.0, norm_layout: str = "paper"):
+        super().__init__()
+        self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
+        self.norm_layout = norm_layout
+        widths = [input_dim] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
+        for i in range(4):
+            setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
+            setattr(self, f"batch_norm_{i + 1}", nn.BatchNorm2d(widths[i + 1]))
+            setattr(self, f"relu_{i + 1}", nn.ReLU())
+        self.lstm_5 = nn.LSTM(widths[4], output_dim, batch_first=True)
+        # single-layer nn.LSTM ignores its dropout argument, so dropout is applied between the blocks
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z
+        for i in range(1, 5):
+            x, _ = getattr(self, f"lstm_{i}")(x)
+            x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)
+            x = self.dropout(getattr(self, f"relu_{i}")(x))
+        x, _ = self.lstm_5(x)
+        return x
+
+
+class Discriminator(nn.Module):
+    """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm + LeakyReLU(0.2);
+    the last time step's features go through Linear(1024, 1). No sigmoid: it scores, it does not classify."""
+
+    def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper"):
+        super().__init__()
+        self.input_dim = input_dim
+        self.norm_layout = norm_layout
+        widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
+        for i in range(4):
+            setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
+            setattr(self, f"instance_norm_{i + 1}", nn.InstanceNorm2d(widths[i + 1]))
+            setattr(self, f"relu_{i + 1}", nn.LeakyReLU(0.2))
+        self.linear = nn.Linear(widths[4], 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 5):
+            x, _ = getattr(self, f"lstm_{i}")(x)
+            x = normalize(x, getattr(self, f"instance_norm_{i}"), self.norm_layout)
+            if i < 4:
+                x = self.dropout(getattr(self, f"relu_{i}")(x))
+        # as the original: the activation is applied to the last time step only, then the linear head
+        return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
+
+
+class TrainLSTMGAN(GANTrainerBase):
+    trainer_name = "lstm_gan"
+
+    def build_models(self) -> tuple[nn.Module, nn.Module]:
+        a = self.args
+        generator = Generator(a.generator_input_dim, self.n_features, self.seq_len, a.generator_dropout,
+                              a.model_scale, a.norm_layout)
+        critic = Discriminator(self.n_features, a.discriminator_dropout, a.model_scale, a.norm_layout)
+        return generator, critic
+
+    def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        a = self.args
+        g_optim = Adam(self.G.parameters(), lr=a.generator_learning_rate, weight_decay=a.generator_weight_decay,
+                       betas=(a.generator_adam_beta1, a.generator_adam_beta2))
+        d_optim = Adam(self.D.parameters(), lr=a.discriminator_learning_rate,
+                       weight_decay=a.discriminator_weight_decay,
+                       betas=(a.discriminator_adam_beta1, a.discriminator_adam_beta2))
+        return g_optim, d_optim
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arg(argv)
+    try:
+        trainer = TrainLSTMGAN(args, argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
