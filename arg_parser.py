@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0..L-1 against synthetic steps T-L-1..T-2 as the original did")
     p.add_argument("--soc-backend", choices=["torch", "keras"], default="torch",
                    help="torch: exact port of the Keras SOC model (no TensorFlow needed); keras: Keras predict")
+    p.add_argument("--eval-metrics", choices=["quick", "all"], default="quick",
+                   help="metrics written to <N>_epoch/metrics.json at every -s epoch: quick (distribution distances, "
+                        "physics checks) or all (adds discriminative, predictive and TSTR scores; slower)")
     p.add_argument("--execute-notebook", action="store_true",
                    help="execute result.ipynb headless at the end of training and write result.html")
     return p
