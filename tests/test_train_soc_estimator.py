@@ -1,0 +1,130 @@
+"""train_soc_estimator: schedules, metrics, exact resume, CLI on real mini fixtures, the shipped model's metrics."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lg_dataset
+import train_soc_estimator as ts
+from soc_estimator import SOCEstimator, SOCLSTM
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT / "tests" / "fixtures" / "mini"
+
+
+def test_lr_schedules():
+    assert ts.lr_at(0, 1e-3, "none", 10, 1e-5, 3, 0.5) == 1e-3
+    assert ts.lr_at(0, 1e-3, "cosine", 10, 1e-5, 3, 0.5) == pytest.approx(1e-3)
+    assert ts.lr_at(5, 1e-3, "cosine", 10, 1e-5, 3, 0.5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert ts.lr_at(10, 1e-3, "cosine", 10, 1e-5, 3, 0.5) == pytest.approx(1e-5)
+    assert ts.lr_at(7, 1e-3, "step", 10, 1e-5, 3, 0.5) == pytest.approx(2.5e-4)
+    assert ts.lr_at(99, 1e-3, "step", 10, 1e-5, 3, 0.5) == 1e-5
+
+
+def test_metrics_pool_per_file_and_temperature():
+    y = np.zeros(5, np.float32)
+    pred = np.array([0.01, -0.01, 0.02, 0.0, 0.04], np.float32)
+    index = [{"file": "0degC/a", "temp": "0degC", "start": 0, "stop": 2},
+             {"file": "0degC/b", "temp": "0degC", "start": 2, "stop": 3},
+             {"file": "25degC/c", "temp": "25degC", "start": 3, "stop": 5}]
+    m = ts.metrics(pred, y, index)
+    assert m["per_file"]["0degC/a"]["mae_pct"] == pytest.approx(1.0)
+    assert m["per_temp"]["0degC"]["rmse_pct"] == pytest.approx(np.sqrt((1 + 1 + 4) / 3), rel=1e-6)
+    assert m["per_temp"]["25degC"]["mae_pct"] == pytest.approx(2.0)
+    assert m["overall"]["windows"] == 5 and m["overall"]["mae_pct"] == pytest.approx(1.6)
+
+
+def tiny_run(tmp_path, epochs, resume, name="ck.pt", log=lambda s: None):
+    rng = np.random.default_rng(0)
+    X = rng.random((24, 12, 3), dtype=np.float32)
+    y = X[:, -1, 0].copy()
+    torch.manual_seed(0)
+    m = SOCLSTM(3, 8)
+    cfg = dict(lr=1e-2, lr_decay="cosine", min_lr=1e-4, step_every=2, gamma=0.5, epochs=epochs, patience=50,
+               batch_size=8, seed=0)
+    ck = ts.train(m, X[:18], y[:18], X[18:], y[18:], cfg, tmp_path / name, torch.device("cpu"), resume, log=log)
+    return m, ck
+
+
+def test_resume_continues_exactly(tmp_path):
+    m_full, ck_full = tiny_run(tmp_path, 3, False, "full.pt")
+
+    def kill_after_epoch_2(line):  # log runs after the checkpoint is written: like a kill between epochs
+        if line.startswith("epoch 2:"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path, 3, False, "part.pt", log=kill_after_epoch_2)
+    m_res, ck_res = tiny_run(tmp_path, 3, True, "part.pt")
+    assert ck_res["epoch"] == 3 and len(ck_res["history"]) == 3
+    assert [h["val_loss"] for h in ck_res["history"]] == [h["val_loss"] for h in ck_full["history"]]
+    for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_early_stopping_restores_best(tmp_path):
+    m, ck = tiny_run(tmp_path, 1, False)
+    cfg = dict(lr=10.0, lr_decay="none", min_lr=0, step_every=1, gamma=1, epochs=50, patience=2, batch_size=8,
+               seed=0)  # a huge learning rate: validation gets worse, training stops after `patience` epochs
+    X = np.random.default_rng(1).random((16, 12, 3), dtype=np.float32)
+    ck = ts.train(m, X[:12], X[:12, -1, 0].copy(), X[12:], X[12:, -1, 0].copy(), cfg, tmp_path / "es.pt",
+                  torch.device("cpu"), log=lambda s: None)
+    assert ck["epoch"] < 50 and ck["epoch"] - ck["best_epoch"] == 2
+    best = ck["best_state"]
+    assert all(torch.equal(best[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.fixture
+def mini_lists(monkeypatch):
+    """The paper's lists cut to the files of the real miniature raw folder (one train + one test per temp)."""
+    monkeypatch.setattr(lg_dataset, "PAPER_TRAIN_FILES",
+                        {"0degC": ["589_Mixed1"], "10degC": ["567_Mixed1"], "25degC": ["551_Mixed1"]})
+    monkeypatch.setattr(lg_dataset, "PAPER_TEST_FILES",
+                        {"0degC": ["589_UDDS"], "10degC": ["576_UDDS", "582_LA92"], "25degC": ["551_UDDS"]})
+
+
+def test_cli_trains_evaluates_and_writes_everything(tmp_path, mini_lists, capsys):
+    out = tmp_path / "m.h5"
+    args = ["--raw-dir", str(MINI), "--out", str(out), "--window", "40", "--stride", "40", "--test-stride", "40",
+            "--epochs", "2", "--lr", "1e-3", "--device", "cpu"]
+    assert ts.main(args) == 0
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["epochs_run"] == 2 and side["window"] == 40 and len(side["history"]) == 2
+    assert side["missing_test_files"] == ["10degC/582_LA92"]
+    assert set(side["test_metrics"]["per_temp"]) == {"0degC", "10degC", "25degC"}
+    assert side["scaler"]["min"][0] > 2.5 and side["command"].startswith("python train_soc_estimator.py")
+    assert len(list((tmp_path / "test_cycles").glob("*.png"))) == 3
+    assert SOCEstimator.load(out).model.hidden == 256
+    assert (tmp_path / "m.ckpt.pt").exists()
+    text = capsys.readouterr().out
+    assert "582_LA92" in text and "overall" in text
+    # the same model, evaluated alone, reproduces the recorded metrics
+    m = ts.run(ts.parse_args(args + ["--evaluate", str(out), "--plots-dir", str(tmp_path / "p")]), [])
+    assert m["overall"]["rmse_pct"] == pytest.approx(side["test_metrics"]["overall"]["rmse_pct"], rel=1e-4)
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert ts.main(["--raw-dir", str(tmp_path / "none"), "--out", str(tmp_path / "m.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert ts.main(["--evaluate", str(tmp_path / "missing.h5")]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+    assert ts.main(["--out", str(tmp_path / "m.h5")]) == 2  # training without data
+    assert "--raw-dir" in capsys.readouterr().err
+
+
+def test_shipped_model_reproduces_its_recorded_metrics():
+    path = ROOT / "soc_models" / "lg_positive_temp_300_steps.h5"
+    if not path.exists():
+        pytest.skip("shipped model not trained yet")
+    side = json.loads(path.with_suffix(".json").read_text())
+    test = np.load(ROOT / "data" / "lg_test_300_data.npy", mmap_mode="r")
+    index = json.loads((ROOT / "data" / "lg_test_300_data.json").read_text())["file_index"]
+    it = min(index, key=lambda i: i["stop"] - i["start"])  # the smallest test cycle keeps this fast
+    X = np.asarray(test[it["start"]:it["stop"], :, :3])
+    pred = SOCEstimator.load(path).label(X, window=300)[:, 0]
+    rmse = float(np.sqrt(np.mean((pred - test[it["start"]:it["stop"], -1, 3]) ** 2)) * 100)
+    assert rmse == pytest.approx(side["test_metrics"]["per_file"][it["file"]]["rmse_pct"], abs=1e-3)
+    assert side["missing_test_files"] == ["10degC/582_LA92"]

@@ -1,0 +1,282 @@
+"""
+Train the paper's LSTM SOC estimator on the LG 18650HG2 drive cycles and ship it as a Keras .h5.
+
+Paper defaults: 300-step windows at stride 300 from the 18 training files (0/10/25 degC), target = SOC at the window's
+last step, Adam 1e-5, Huber loss, batch 32, up to 1000 epochs, early stopping (patience 50) on a validation split
+of 0.2 (the LAST 20 % of the windows, as Keras' validation_split takes them). Faster schedules via flags.
+
+    python train_soc_estimator.py --raw-dir /path/to/lg_hg2            # paper schedule (days on a CPU)
+    python train_soc_estimator.py --raw-dir ... --lr 1e-3 --lr-decay cosine --epochs 40 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lg_dataset
+from soc_estimator import SOCLSTM, SOCModelError, load_keras_h5, save_keras_h5
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def lr_at(epoch: int, lr: float, decay: str, epochs: int, min_lr: float, step_every: int, gamma: float) -> float:
+    """Learning rate of a (0-based) epoch. Per-epoch schedules only: simple to resume."""
+    if decay == "cosine":
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(epoch, epochs) / max(1, epochs)))
+    if decay == "step":
+        return max(min_lr, lr * gamma ** (epoch // step_every))
+    return lr
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+@torch.no_grad()
+def predict(model: SOCLSTM, X: np.ndarray, device: torch.device, batch_size: int = 512) -> np.ndarray:
+    model.eval()
+    out = [model(torch.from_numpy(X[i:i + batch_size]).to(device)).squeeze(-1).cpu().numpy()
+           for i in range(0, len(X), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray, cfg: dict,
+          ckpt_path: Path, device: torch.device, resume: bool = False, log=print) -> dict:
+    """Adam + Huber, early stopping on the validation loss; returns the checkpoint dict (best weights inside).
+    cfg keys: lr, lr_decay, min_lr, step_every, gamma, epochs, patience, batch_size, seed."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])  # Keras' Adam: betas 0.9/0.999, eps 1e-7
+    for g in opt.param_groups:
+        g["eps"] = 1e-7
+    ck = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None}
+    if resume and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        torch.set_rng_state(saved["torch_rng"])
+        ck = saved
+        log(f"resumed from {ckpt_path} at epoch {ck['epoch']}")
+    n, bs = len(Xtr), cfg["batch_size"]
+    while ck["epoch"] < cfg["epochs"] and ck["bad_epochs"] < cfg["patience"]:
+        ep = ck["epoch"]
+        lr = lr_at(ep, cfg["lr"], cfg["lr_decay"], cfg["epochs"], cfg["min_lr"], cfg["step_every"], cfg["gamma"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        t0, tot = time.time(), 0.0
+        perm = np.random.default_rng(cfg["seed"] + ep).permutation(n)  # per-epoch seed: resumable
+        for i in range(0, n, bs):
+            idx = np.sort(perm[i:i + bs])
+            x = torch.from_numpy(Xtr[idx]).to(device)
+            y = torch.from_numpy(ytr[idx]).to(device)
+            loss = F.huber_loss(model(x).squeeze(-1), y)  # Keras Huber, delta 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(idx)
+        p = predict(model, Xval, device) if len(Xval) else np.zeros(0, np.float32)
+        val = float(F.huber_loss(torch.from_numpy(p), torch.from_numpy(yval)).item()) if len(Xval) else tot / n
+        val_rmse = float(np.sqrt(np.mean((p.astype(np.float64) - yval) ** 2)) * 100) if len(Xval) else float("nan")
+        ck["epoch"] = ep + 1
+        ck["history"].append({"epoch": ep + 1, "lr": lr, "loss": tot / n, "val_loss": val, "val_rmse_pct": val_rmse,
+                              "seconds": time.time() - t0})
+        if val < ck["best_val"]:
+            ck.update(best_val=val, best_epoch=ep + 1, bad_epochs=0,
+                      best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            ck["bad_epochs"] += 1
+        ck.update(model=model.state_dict(), opt=opt.state_dict(), torch_rng=torch.get_rng_state(), cfg=cfg)
+        atomic_torch_save(ck, ckpt_path)
+        log(f"epoch {ep + 1}: lr {lr:.2e} loss {tot / n:.3e} val_loss {val:.3e} val_rmse {val_rmse:.2f}% "
+            f"({time.time() - t0:.0f} s)")
+    if ck["best_state"] is not None:
+        model.load_state_dict(ck["best_state"])  # Keras' EarlyStopping(restore_best_weights) equivalent
+    return ck
+
+
+# -----------------------------------------------------------------------------
+# test metrics and plots
+
+def metrics(pred: np.ndarray, y: np.ndarray, index: list[dict]) -> dict:
+    """MAE and RMSE in SOC % per test file, per temperature (pooled over its windows) and overall."""
+    err = (pred - y) * 100
+
+    def mm(e):
+        return {"mae_pct": float(np.abs(e).mean()), "rmse_pct": float(np.sqrt((e ** 2).mean())), "windows": len(e)}
+    out = {"per_file": {}, "per_temp": {}}
+    for it in index:
+        out["per_file"][it["file"]] = mm(err[it["start"]:it["stop"]])
+    for temp in dict.fromkeys(it["temp"] for it in index):
+        out["per_temp"][temp] = mm(np.concatenate([err[it["start"]:it["stop"]] for it in index
+                                                   if it["temp"] == temp]))
+    out["overall"] = mm(err)
+    return out
+
+
+def plot_test_cycles(pred: np.ndarray, y: np.ndarray, index: list[dict], stride: int, window: int,
+                     m: dict, out_dir: Path) -> list[Path]:
+    """One PNG per test cycle: estimated vs true SOC at each window's end, against test time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for it in index:
+        s = slice(it["start"], it["stop"])
+        t = (np.arange(it["stop"] - it["start"]) * stride + window - 1) / lg_dataset.HZ / 60  # minutes
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(t, y[s] * 100, label="true (Ah counting)", lw=1.5)
+        ax.plot(t, pred[s] * 100, label="LSTM estimate", lw=1)
+        r = m["per_file"][it["file"]]
+        ax.set(xlabel="time [min]", ylabel="SOC [%]",
+               title=f"{it['file']}: MAE {r['mae_pct']:.2f} %, RMSE {r['rmse_pct']:.2f} %")
+        ax.legend()
+        fig.text(0.01, 0.01, "data: Kollmeyer et al., LG 18650HG2, Mendeley Data cp3473x7xv v3 (CC BY 4.0)",
+                 fontsize=6)
+        fig.tight_layout()
+        p = out_dir / f"{it['file'].replace('/', '_')}.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def load_test_data(args, scaler: dict | None) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """Test windows from --raw-dir (with the training scaler) or the shipped data/lg_test_300_data.npy."""
+    if args.raw_dir:
+        if scaler is None:
+            scaler = lg_dataset.fit_scaler(lg_dataset.load_files(Path(args.raw_dir), lg_dataset.file_list("train"),
+                                                                 required=True)[1])
+        X, y, index = lg_dataset.soc_windows(args.raw_dir, "test", args.window, args.test_stride, scaler)
+        return X, y, index, scaler
+    p = Path(args.test_data)
+    meta = lg_dataset.load_sidecar(p)
+    if not p.is_file() or meta is None:
+        raise lg_dataset.DataError(f"{p}: test windows (+ .json sidecar) not found; pass --raw-dir <LG folder> "
+                                   f"or --test-data data/lg_test_300_data.npy")
+    a = np.load(p, mmap_mode="r")
+    if a.ndim != 3 or a.shape[1] != args.window or a.shape[2] < 4:
+        raise lg_dataset.DataError(f"{p}: shape {a.shape}, expected [n, {args.window}, 4] (V, I, T, SOC)")
+    X = np.ascontiguousarray(a[..., :3], np.float32)
+    y = np.ascontiguousarray(a[:, -1, 3], np.float32)
+    return X, y, meta["file_index"], meta["scaler"]
+
+
+def missing_test_files(index: list[dict]) -> list[str]:
+    have = {it["file"] for it in index}
+    return [f for f in lg_dataset.file_list("test") if f not in have]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw-dir", help="LG HG2 folder with 0degC/ 10degC/ 25degC/ (Digatron .csv or .parquet tables)")
+    p.add_argument("--out", default="soc_models/lg_positive_temp_300_steps.h5", help="Keras .h5 to write")
+    p.add_argument("--evaluate", metavar="MODEL", help="no training: test metrics and plots of a Keras model file")
+    p.add_argument("--test-data", default="data/lg_test_300_data.npy",
+                   help="shipped test windows, used when --raw-dir is not given")
+    p.add_argument("--window", type=int, default=300)
+    p.add_argument("--stride", type=int, default=300, help="training window stride")
+    p.add_argument("--test-stride", type=int, default=300)
+    p.add_argument("--val-split", type=float, default=0.2, help="last fraction of the windows (as Keras)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr-decay", choices=["none", "cosine", "step"], default="none")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="floor of the cosine/step decay")
+    p.add_argument("--step-every", type=int, default=10, help="step decay: epochs between reductions")
+    p.add_argument("--gamma", type=float, default=0.5, help="step decay factor")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--patience", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--checkpoint", help="default: <out>.ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--plots-dir", help="default: <out dir>/test_cycles")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    out = Path(args.out)
+    plots = Path(args.plots_dir) if args.plots_dir else out.parent / "test_cycles"
+    if args.evaluate:
+        model = load_keras_h5(args.evaluate).to(device)
+        Xte, yte, index, scaler = load_test_data(args, None)
+        ck, side = None, {}
+    else:
+        if not args.raw_dir:
+            raise lg_dataset.DataError("training needs --raw-dir <LG folder with 0degC/ 10degC/ 25degC/>")
+        raw = Path(args.raw_dir)
+        scaler = lg_dataset.fit_scaler(lg_dataset.load_files(raw, lg_dataset.file_list("train"), required=True)[1])
+        X, y, tr_index = lg_dataset.soc_windows(raw, "train", args.window, args.stride, scaler)
+        k = int(len(X) * (1 - args.val_split))  # Keras' validation_split: the last fraction, before shuffling
+        print(f"{len(X)} training windows ({k} train, {len(X) - k} validation), device {device}, "
+              f"{torch.get_num_threads()} threads", flush=True)
+        model = SOCLSTM().to(device)
+        cfg = {key: getattr(args, key) for key in ("lr", "lr_decay", "min_lr", "step_every", "gamma", "epochs",
+                                                   "patience", "batch_size", "seed")}
+        ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.pt")
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ck = train(model, X[:k], y[:k], X[k:], y[k:], cfg, ckpt, device, resume=args.resume,
+                   log=lambda s: print(s, flush=True))
+        save_keras_h5(model.cpu(), out)
+        model.to(device)
+        Xte, yte, index, _ = load_test_data(args, scaler)
+        side = {"train_files": [it["file"] for it in tr_index], "train_windows": k, "val_windows": len(X) - k,
+                "config": cfg, "epochs_run": ck["epoch"], "best_epoch": ck["best_epoch"],
+                "best_val_loss": ck["best_val"], "history": ck["history"]}
+    pred = predict(model, Xte, device)
+    m = metrics(pred, yte, index)
+    missing = missing_test_files(index)
+    for f, r in m["per_file"].items():
+        print(f"{f:22s} MAE {r['mae_pct']:.2f} %  RMSE {r['rmse_pct']:.2f} %  ({r['windows']} windows)")
+    for t, r in list(m["per_temp"].items()) + [("overall", m["overall"])]:
+        print(f"{t:22s} MAE {r['mae_pct']:.2f} %  RMSE {r['rmse_pct']:.2f} %")
+    if missing:
+        print(f"missing test files (not in the metrics): {', '.join(missing)}")
+    plot_test_cycles(pred, yte, index, args.test_stride, args.window, m, plots)
+    if args.evaluate:
+        return m
+    side.update({"model": out.name, "architecture": "LSTM(256, selu, seq) - LSTM(256, selu) - Dense(256, selu) - "
+                 "Dense(128, selu) - Dense(1)", "input": "scaled voltage, current, temperature",
+                 "window": args.window, "train_stride": args.stride, "test_stride": args.test_stride,
+                 "scaler": scaler, "test_files": [it["file"] for it in index], "missing_test_files": missing,
+                 "test_metrics": m, "data": lg_dataset.CITATION, "device": str(device),
+                 "command": "python train_soc_estimator.py " + " ".join(argv)})
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(side, indent=1))
+    os.replace(tmp, out.with_suffix(".json"))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        run(args, argv)
+    except (SOCModelError, lg_dataset.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
