@@ -8,7 +8,7 @@ Every metric is a plain float in a flat dict, lower is better unless the name sa
 Randomness comes from `seed` only (numpy Generator and a forked torch RNG), so the same seed gives the same
 numbers on the same CPU and the caller's global RNG state (e.g. the GAN trainer's) is left untouched.
 """
-import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -178,16 +178,25 @@ def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed:
 # post-hoc models: discriminative and predictive scores (TimeGAN, Yoon et al. 2019), TSTR for SOC estimation
 
 class PostHocGRU(nn.Module):
-    """2-layer GRU; the head reads the last step (one output per sequence) or every step."""
+    """2-layer GRU; the head reads the last step (one output per sequence) or every step. Inputs are
+    standardised per feature with fixed training-set statistics: min-max scaled features vary by a few
+    hundredths within a window, and unstandardised the GRU needs many times more steps to see it."""
 
-    def __init__(self, n_in: int, hidden: int, n_out: int):
+    def __init__(self, n_in: int, hidden: int, n_out: int, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std.clamp_min(1e-6))
         self.rnn = nn.GRU(n_in, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, n_out)
 
     def forward(self, x: torch.Tensor, every_step: bool = False) -> torch.Tensor:
-        h, _ = self.rnn(x)
+        h, _ = self.rnn((x - self.mean) / self.std)
         return self.head(h if every_step else h[:, -1])
+
+
+def feature_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.mean(0), flat.std(0)
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, epochs: int, batch_size: int,
@@ -200,6 +209,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, epochs: int
             idx = idx.to(x.device)
             optim.zero_grad(set_to_none=True)
             loss_fn(model(x[idx], **forward_kw), y[idx]).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # lr is high for a short budget: no blow-ups
             optim.step()
     model.eval()
     return model
@@ -210,61 +220,115 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, **forward
     return torch.cat([model(x[i:i + batch_size], **forward_kw) for i in range(0, len(x), batch_size)])
 
 
+@contextmanager
 def seeded(seed: int, device: torch.device):
-    """A forked torch RNG seeded with `seed`: reproducible models, and the caller's RNG state is restored after."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    ctx = torch.random.fork_rng(devices=devices)
-    ctx.__enter__()
-    torch.manual_seed(seed)
-    return ctx
+    """A forked torch RNG seeded with `seed`: reproducible models, and the caller's RNG state (e.g. the GAN
+    trainer's) is restored afterwards."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
 
 
 def discriminative_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torch.device, epochs: int = 20,
-                         hidden: int = 32, batch_size: int = 32, max_seq: int = 1000) -> dict[str, float]:
+                         hidden: int = 32, batch_size: int = 32, lr: float = 1e-2,
+                         max_seq: int = 1000) -> dict[str, float]:
     """TimeGAN's discriminative score: a post-hoc 2-layer GRU learns real (1) vs synthetic (0) on 80 % of a
     balanced sample; score = |held-out accuracy - 0.5|."""
     rng = np.random.default_rng(seed)
     n = min(len(real), len(fake), max_seq)
     real, fake = subsample(real, n, rng)[rng.permutation(n)], subsample(fake, n, rng)[rng.permutation(n)]
     n_train = max(1, int(round(0.8 * n)))
-    to = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
-    x_train = to(np.concatenate([real[:n_train], fake[:n_train]]))
-    y_train = to(np.r_[np.ones(n_train), np.zeros(n_train)])[:, None]
-    x_test = to(np.concatenate([real[n_train:], fake[n_train:]]))
+    x_train = as_tensor(np.concatenate([real[:n_train], fake[:n_train]]), device)
+    y_train = as_tensor(np.r_[np.ones(n_train), np.zeros(n_train)], device)[:, None]
+    x_test = as_tensor(np.concatenate([real[n_train:], fake[n_train:]]), device)
     y_test = np.r_[np.ones(n - n_train), np.zeros(n - n_train)]
-    ctx = seeded(seed, device)
-    try:
-        model = PostHocGRU(real.shape[2], hidden, 1).to(device)
-        g = torch.Generator().manual_seed(seed)
-        fit(model, x_train, y_train, F.binary_cross_entropy_with_logits, epochs, batch_size, 3e-3, g)
+    with seeded(seed, device):
+        model = PostHocGRU(real.shape[2], hidden, 1, *feature_stats(x_train)).to(device)
+        fit(model, x_train, y_train, F.binary_cross_entropy_with_logits, epochs, batch_size, lr,
+            torch.Generator().manual_seed(seed))
         guess = (predict(model, x_test)[:, 0] > 0).cpu().numpy()
-    finally:
-        ctx.__exit__(None, None, None)
     acc = float((guess == y_test).mean()) if len(y_test) else 0.5
     return {"discriminative_score": abs(acc - 0.5), "discriminative_accuracy": acc}
 
 
 def predictive_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torch.device, epochs: int = 20,
-                     hidden: int = 32, batch_size: int = 32, max_seq: int = 1000) -> dict[str, float]:
+                     hidden: int = 32, batch_size: int = 32, lr: float = 1e-2,
+                     max_seq: int = 1000) -> dict[str, float]:
     """TimeGAN's predictive score (train on synthetic, test on real): a 2-layer GRU predicts every feature of
-    step t+1 from steps 0..t; MAE on one half of the real sample. The same model trained on the other real half
-    gives the train-on-real reference."""
+    step t+1 from steps 0..t; MAE on one half of the real sample. The same model trained on as many sequences
+    of the other real half gives the train-on-real reference."""
     rng = np.random.default_rng(seed + 1)
-    real = subsample(real, max_seq, rng)[rng.permutation(min(len(real), max_seq))]
-    fake = subsample(fake, max_seq, rng)
+    real = real[rng.permutation(len(real))]
     half = max(1, len(real) // 2)
-    real_train, real_test = real[:half], real[half:] if len(real) > 1 else real
-    to = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
-    x_test = to(real_test)
+    n_train = min(half, len(fake), max_seq)
+    real_train, real_test = real[:n_train], (real[half:] if len(real) > 1 else real)[:max_seq]
+    x_test = as_tensor(real_test, device)
     out = {}
-    for key, train in (("predictive_mae", fake), ("predictive_mae_real", real_train)):
-        ctx = seeded(seed, device)
-        try:
-            model = PostHocGRU(real.shape[2], hidden, real.shape[2]).to(device)
-            x = to(train)
-            g = torch.Generator().manual_seed(seed)
-            fit(model, x[:, :-1], x[:, 1:], F.l1_loss, epochs, batch_size, 3e-3, g, every_step=True)
+    for key, train in (("predictive_mae", subsample(fake, n_train, rng)), ("predictive_mae_real", real_train)):
+        x = as_tensor(train, device)
+        with seeded(seed, device):
+            model = PostHocGRU(real.shape[2], hidden, real.shape[2], *feature_stats(x)).to(device)
+            fit(model, x[:, :-1], x[:, 1:], F.l1_loss, epochs, batch_size, lr, torch.Generator().manual_seed(seed),
+                every_step=True)
             out[key] = float(F.l1_loss(predict(model, x_test[:, :-1], every_step=True), x_test[:, 1:]))
-        finally:
-            ctx.__exit__(None, None, None)
+    return out
+
+
+def soc_windows(x: np.ndarray, window: int) -> np.ndarray:
+    """[n, T, F] -> [n * (T // window), window, F]: non-overlapping windows aligned to each sequence's end
+    (stride = window, as the paper's SOC training data); the label is the SOC at each window's last step."""
+    k = x.shape[1] // window
+    return np.ascontiguousarray(x[:, x.shape[1] - k * window:]).reshape(-1, window, x.shape[2])
+
+
+def soc_tstr(fake: np.ndarray, test_windows: np.ndarray, train_windows: np.ndarray | None, seed: int,
+             device: torch.device, epochs: int = 20, hidden: int = 256, batch_size: int = 32, lr: float = 1e-3,
+             max_windows: int = 4000, max_test: int | None = None) -> dict[str, float]:
+    """Train on synthetic, test on real (TSTR) for the paper's downstream task: the paper's SOC LSTM
+    (soc_estimator.SOCLSTM, Huber loss as the paper) learns V, I, T window -> SOC at the last step from the
+    labelled synthetic windows; RMSE and MAE in SOC % on the real test cycles. With train_windows, the same model,
+    window count and budget trained on real training windows gives the TRTR reference.
+    The window is min(synthetic steps, test steps): the paper's 300 at full size; the test windows' last steps."""
+    from soc_estimator import SOCLSTM   # the estimator module is only needed for this metric
+    window = min(fake.shape[1], test_windows.shape[1])
+    rng = np.random.default_rng(seed + 2)
+    sets = {"tstr": soc_windows(fake, window)}
+    if train_windows is not None:
+        sets["trtr"] = soc_windows(train_windows, window)
+    n_train = min(max_windows, *(len(s) for s in sets.values()))
+    test = subsample(test_windows[:, -window:], max_test or len(test_windows), rng)
+    x_test, y_test = as_tensor(test[..., :3], device), test[:, -1, 3].astype(np.float64)
+    out = {}
+    for key, windows in sets.items():
+        train = subsample(windows, n_train, rng)
+        x, y = as_tensor(train[..., :3], device), as_tensor(train[:, -1, 3:4], device)
+        with seeded(seed, device):
+            model = SOCLSTM(n_features=3, hidden=hidden).to(device)
+            fit(model, x, y, F.huber_loss, epochs, batch_size, lr, torch.Generator().manual_seed(seed))
+            err = predict(model, x_test, batch_size=512)[:, 0].double().cpu().numpy() - y_test
+        out[f"{key}_rmse_soc_pct"] = float(100 * np.sqrt(np.mean(err ** 2)))
+        out[f"{key}_mae_soc_pct"] = float(100 * np.mean(np.abs(err)))
+    return out
+
+
+def all_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int, device: torch.device | str,
+                test_windows: np.ndarray | None = None, train_windows: np.ndarray | None = None,
+                epochs: int = 20, hidden: int = 32, max_seq: int = 1000, tstr_epochs: int = 20,
+                tstr_hidden: int = 256, tstr_max_windows: int = 4000, tstr_max_test: int | None = None
+                ) -> dict[str, float]:
+    """quick_metrics + discriminative and predictive scores (post-hoc GRUs: `epochs`, `hidden`, at most `max_seq`
+    sequences per set) + TSTR/TRTR SOC errors when test_windows (real [n, W, 4] test cycles) are given.
+    train_windows: real training sequences [m, T, 4] for the TRTR reference (cut into windows here)."""
+    device = torch.device(device)
+    out = quick_metrics(real, fake, scaler, seed)
+    out.update(discriminative_score(real, fake, seed, device, epochs=epochs, hidden=hidden, max_seq=max_seq))
+    out.update(predictive_score(real, fake, seed, device, epochs=epochs, hidden=hidden, max_seq=max_seq))
+    if test_windows is not None:
+        out.update(soc_tstr(fake, test_windows, train_windows, seed, device, epochs=tstr_epochs, hidden=tstr_hidden,
+                            max_windows=tstr_max_windows, max_test=tstr_max_test))
     return out

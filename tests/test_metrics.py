@@ -1,0 +1,168 @@
+"""metrics.py: the metrics tell real data held out of the same set from obviously bad synthetic data
+(time steps shuffled, constant sequences), physics checks by hand, reproducibility, speed."""
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALER = {"min": [2.79268, -18.09828, -0.84127], "max": [4.2399, 6.00472, 26.28963]}   # data/lg_600_data.json
+CPU = torch.device("cpu")
+L = 50   # steps per sequence in these tests: the last 50 of the 600 (as the GAN's evaluation, steps T-L-1..T-2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine is shared: one thread is faster than two contending ones for these tiny RNNs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sets() -> dict[str, np.ndarray]:
+    """Two disjoint random halves of the real training windows, and bad 'synthetic' data made from the second."""
+    x = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(x))[:300]
+    real = np.ascontiguousarray(x[np.sort(idx[:150]), -L - 1:-1])
+    held = np.ascontiguousarray(x[np.sort(idx[150:]), -L - 1:-1])
+    return {
+        "real": real,
+        "held_out": held,
+        "shuffled": np.stack([s[rng.permutation(L)] for s in held]),             # same values, no time order
+        "seq_constant": np.repeat(held.mean(axis=1, keepdims=True), L, axis=1),  # each sequence flat at its mean
+        "constant": np.broadcast_to(held.mean(axis=(0, 1)), held.shape).copy(),  # one flat sequence for all
+    }
+
+
+# ---- quick metrics ------------------------------------------------------------------------------------------
+
+def test_quick_metrics_separate_bad_from_held_out_real(sets):
+    real = sets["real"]
+    q = {name: metrics.quick_metrics(real, sets[name], SCALER, seed=0)
+         for name in ("held_out", "shuffled", "seq_constant", "constant")}
+    good = q["held_out"]
+    # marginals: a shuffle keeps them exactly, one constant for all sequences does not
+    assert q["shuffled"]["w1_mean"] == pytest.approx(good["w1_mean"], abs=1e-9)
+    assert q["constant"]["w1_mean"] > 4 * good["w1_mean"]
+    # time structure: every bad set loses the autocorrelation and the step-to-step dynamics
+    assert good["acf_diff_mean"] < 0.03 and abs(good["mmd2_rbf_diff"]) < 0.02
+    for bad in ("shuffled", "seq_constant", "constant"):
+        assert q[bad]["acf_diff_mean"] > 0.1, bad
+        assert q[bad]["mmd2_rbf_diff"] > 0.05, bad
+    assert q["constant"]["mmd2_rbf_flat"] > 0.1 > 0.02 > abs(good["mmd2_rbf_flat"])
+    # physics: real data are (nearly) clean; a shuffle makes SOC rise while discharging
+    assert good["phys_soc_rise_while_discharging"] == 0.0 == good["real_phys_soc_rise_while_discharging"]
+    assert good["phys_v_out_of_limits"] < 0.001 and good["phys_t_out_of_range"] == 0.0
+    assert q["shuffled"]["phys_soc_rise_while_discharging"] > 0.2
+    assert all(isinstance(v, float) for v in good.values())
+
+
+def test_quick_metrics_without_scaler_has_no_physics_and_rejects_mismatched_steps(sets):
+    q = metrics.quick_metrics(sets["real"], sets["held_out"], None, seed=0)
+    assert not any(k.startswith(("phys_", "real_phys_")) for k in q)
+    with pytest.raises(ValueError, match="same steps"):
+        metrics.quick_metrics(sets["real"], sets["held_out"][:, :-1], None, seed=0)
+
+
+def test_quick_metrics_is_fast_and_reproducible_at_the_papers_size():
+    rng = np.random.default_rng(1)
+    real = rng.random((4000, 300, 4), dtype=np.float32)
+    fake = rng.random((4000, 300, 4), dtype=np.float32)
+    start = time.perf_counter()
+    first = metrics.quick_metrics(real, fake, SCALER, seed=3)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 6.0   # ~1.3 s measured on a loaded 2-core machine; the budget is ~2 s
+    assert metrics.quick_metrics(real, fake, SCALER, seed=3) == first
+
+
+def test_physics_sanity_by_hand():
+    lo, hi = np.array(SCALER["min"]), np.array(SCALER["max"])
+    phys = np.zeros((1, 4, 4))
+    phys[0, :, 0] = [3.7, 4.3, 2.4, 3.6]        # two of four voltages outside 2.5..4.2 V
+    phys[0, :, 1] = [-1.0, -1.0, 2.0, -1.0]     # discharging at steps 1 and 3 (step 2 charges)
+    phys[0, :, 2] = [20.0, 40.0, -6.0, 31.0]    # 40 > 26.29 + 5 and -6 < -0.84 - 5: two of four
+    phys[0, :, 3] = [0.5, 0.6, 0.7, 1.2]        # SOC rises at steps 1 (discharging), 2 (charging), 3 (disch.)
+    x = phys.copy()
+    x[..., :3] = (phys[..., :3] - lo) / (hi - lo)
+    p = metrics.physics_sanity(x, SCALER)
+    assert p["phys_v_out_of_limits"] == pytest.approx(0.5)
+    assert p["phys_t_out_of_range"] == pytest.approx(0.5)
+    assert p["phys_soc_out_of_range"] == pytest.approx(0.25)
+    assert p["phys_soc_rise_while_discharging"] == pytest.approx(1.0)   # both discharging steps rise
+
+
+def test_autocorrelation_by_hand():
+    t = np.arange(200)
+    x = np.stack([np.cos(2 * np.pi * t / 20), np.ones(200)], axis=1)[None]   # period 20 steps; constant
+    acf = metrics.autocorrelation(x, max_lag=20)
+    assert acf.shape == (2, 20)
+    assert acf[0, 9] < -0.8 and acf[0, 19] > 0.8   # anti-phase at lag 10, in phase at lag 20 (tapered)
+    assert np.all(acf[1] == 0)                     # constant: no defined ACF, counted as 0
+
+
+def test_soc_windows_are_aligned_to_the_sequence_end():
+    x = np.arange(2 * 7 * 1, dtype=float).reshape(2, 7, 1)
+    w = metrics.soc_windows(x, 3)
+    assert w.shape == (4, 3, 1)
+    assert w[:, -1, 0].tolist() == [3, 6, 10, 13]   # the last step of each sequence is a window's label
+
+
+# ---- post-hoc models ----------------------------------------------------------------------------------------
+
+def test_discriminative_score_near_zero_for_real_and_high_for_bad(sets):
+    kw = dict(seed=0, device=CPU, epochs=20, hidden=32)
+    good = metrics.discriminative_score(sets["real"], sets["held_out"], **kw)
+    assert good["discriminative_score"] <= 0.15
+    assert good["discriminative_score"] == pytest.approx(abs(good["discriminative_accuracy"] - 0.5))
+    for bad in ("shuffled", "constant"):
+        assert metrics.discriminative_score(sets["real"], sets[bad], **kw)["discriminative_score"] >= 0.3, bad
+
+
+def test_predictive_score_is_worse_when_trained_on_constant_sequences(sets):
+    kw = dict(seed=0, device=CPU, epochs=10, hidden=16)
+    good = metrics.predictive_score(sets["real"], sets["held_out"], **kw)
+    bad = metrics.predictive_score(sets["real"], sets["constant"], **kw)
+    assert good["predictive_mae"] < 1.5 * good["predictive_mae_real"]   # real-trained: near the real reference
+    assert bad["predictive_mae"] > 2 * good["predictive_mae"]
+    assert bad["predictive_mae_real"] == good["predictive_mae_real"]   # the reference does not see the fake set
+
+
+def test_post_hoc_models_are_reproducible_and_leave_the_global_rng_alone(sets):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = metrics.discriminative_score(sets["real"], sets["shuffled"], seed=5, device=CPU, epochs=2, hidden=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert metrics.discriminative_score(sets["real"], sets["shuffled"], seed=5, device=CPU, epochs=2,
+                                        hidden=8) == first
+
+
+def test_tstr_trains_the_papers_soc_network_and_penalises_constant_data(sets):
+    test_windows = np.load(ROOT / "data" / "lg_test_300_data.npy", mmap_mode="r")[::20]   # 147 real test windows
+    train = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::20]
+    kw = dict(seed=0, device=CPU, epochs=4, hidden=16, lr=1e-2)
+    good = metrics.soc_tstr(sets["held_out"], test_windows, train, **kw)
+    assert set(good) == {"tstr_rmse_soc_pct", "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct"}
+    assert 0 < good["tstr_mae_soc_pct"] <= good["tstr_rmse_soc_pct"] < 100
+    bad = metrics.soc_tstr(sets["constant"], test_windows, None, **kw)
+    assert set(bad) == {"tstr_rmse_soc_pct", "tstr_mae_soc_pct"}   # no TRTR without real training windows
+    assert bad["tstr_rmse_soc_pct"] > good["tstr_rmse_soc_pct"]
+
+
+def test_all_metrics_is_flat_and_holds_every_family(sets):
+    test_windows = np.load(ROOT / "data" / "lg_test_300_data.npy", mmap_mode="r")[::100]
+    small = {k: v[:40] for k, v in sets.items()}
+    m = metrics.all_metrics(small["real"], small["held_out"], SCALER, seed=1, device="cpu",
+                            test_windows=test_windows, train_windows=small["real"], epochs=1, hidden=8,
+                            tstr_epochs=1, tstr_hidden=8)
+    for key in ("w1_V", "acf_diff_mean", "mmd2_rbf_flat", "mmd2_rbf_diff", "phys_soc_rise_while_discharging",
+                "discriminative_score", "predictive_mae", "predictive_mae_real", "tstr_rmse_soc_pct",
+                "trtr_mae_soc_pct"):
+        assert key in m, key
+    assert all(isinstance(v, float) and np.isfinite(v) for v in m.values())
