@@ -81,9 +81,8 @@ class SOCLSTM(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.dense3(F.selu(self.dense2(F.selu(self.dense1(h)))))
 
-    def forward(self, x: torch.Tensor, last_k: int = 1) -> torch.Tensor:
-        """x [B, T, n_features] -> [B, 1]; with last_k > 1, [B, last_k] = the head applied to the last k steps
-        (the training script can use it to supervise more than the final step)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, n_features] -> [B, 1]: the head on the second LSTM's last hidden state."""
         B, T, _ = x.shape
         u = self.hidden
         l1, l2 = self.lstm1, self.lstm2
@@ -91,21 +90,16 @@ class SOCLSTM(nn.Module):
         w2 = torch.cat([l2.kernel, l2.recurrent_kernel], 0)
         h1 = x.new_zeros(B, u); c1 = x.new_zeros(B, u)
         h2 = x.new_zeros(B, u); c2 = x.new_zeros(B, u)
-        outs = []
         # the input projection of layer 1 for many steps in one matmul; chunked in time so that labelling large
         # batches stays within ~128 MB for this buffer
         chunk = max(1, min(T, (32 << 20) // max(1, B * 4 * u)))
         for t0 in range(0, T, chunk):
             xp = torch.addmm(l1.bias, x[:, t0:t0 + chunk].reshape(-1, x.shape[2]), l1.kernel)
             # unbind, not xp[:, t]: indexing would make every step's backward fill a full-size zero gradient
-            for t, xpt in enumerate(xp.view(B, -1, 4 * u).unbind(1)):
+            for xpt in xp.view(B, -1, 4 * u).unbind(1):
                 h1, c1 = selu_lstm_step(torch.addmm(xpt, h1, l1.recurrent_kernel), c1, u)
                 h2, c2 = selu_lstm_step(torch.addmm(l2.bias, torch.cat([h1, h2], 1), w2), c2, u)
-                if t0 + t >= T - last_k:
-                    outs.append(h2)
-        if last_k == 1:
-            return self.head(h2)
-        return self.head(torch.stack(outs, 1)).squeeze(-1)
+        return self.head(h2)
 
 
 # -----------------------------------------------------------------------------
