@@ -1,0 +1,160 @@
+"""generate.py: a tiny trained run -> synthetic data in physical units, SOC from the estimator, readable files;
+bad input is one line, exit 2, nothing written."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import generate
+import train_lstm_gan
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
+
+
+def make_tiny_run(data: Path, soc_model: Path, results: Path) -> Path:
+    """Train the tiny GAN for 2 epochs (saved at 1 and 2) on data that carries the real scaler in its sidecar."""
+    data_dir = results.parent / "tiny_scaled_data"
+    data_dir.mkdir(exist_ok=True)
+    npy = data_dir / "tiny.npy"
+    shutil.copyfile(data, npy)
+    npy.with_suffix(".json").write_text(json.dumps({"scaler": SCALER}))
+    argv = ["-d", str(npy), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "--results-dir", str(results),
+            "--model-scale", "0.0625", "-gid", "8", "-b", "8", "-dts", "2", "-socs", "20", "-ess", "12",
+            "-e", "2", "-s", "1", "--device", "cpu", "--seed", "7"]
+    assert train_lstm_gan.main(argv) == 0
+    (run,) = [p for p in results.iterdir() if p.is_dir()]
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, soc_model, tmp_path_factory) -> Path:
+    return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("gen") / "results")
+
+
+def gen(run: Path, *extra) -> int:
+    return generate.main(["-r", run.name, "--results-dir", str(run.parent), "--device", "cpu", *extra])
+
+
+def test_csv_in_physical_units_with_soc_from_the_estimator(tiny_run, soc_model, tmp_path):
+    out = tmp_path / "synthetic.csv"
+    assert gen(tiny_run, "-n", "5", "-o", str(out), "--seed", "3") == 0
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["sequence", "step", "time_s", "voltage_V", "current_A", "temperature_C", "soc"]
+    assert len(df) == 5 * 20   # L = min(socs, T - socs) = 20 steps per sequence
+    assert df["sequence"].nunique() == 5 and df["step"].max() == 19
+    np.testing.assert_allclose(df["time_s"], df["step"] / 10)
+    # a 2-epoch generator is far from the data, but the columns must be unscaled with the run's scaler
+    x, _ = reference(tiny_run, n=5, seed=3)
+    np.testing.assert_allclose(df["voltage_V"].to_numpy().reshape(5, 20),
+                               x[..., 0] * (SCALER["max"][0] - SCALER["min"][0]) + SCALER["min"][0], rtol=1e-5)
+    np.testing.assert_allclose(df["soc"].to_numpy().reshape(5, 20), x[..., 3], rtol=1e-5, atol=1e-6)
+    # the SOC column is the estimator's label of the window ending at each kept step (steps 19..38 of 40)
+    from soc_estimator import SOCEstimator
+    config = json.loads((tiny_run / "config.json").read_text())
+    generator = generate.load_generator(config, tiny_run / "2_epoch", torch.device("cpu"))
+    seqs = generate.generate(generator, 5, 3, 256, torch.device("cpu"))
+    soc = SOCEstimator.load(soc_model).label(seqs, window=20)   # column k: window ending at step 19 + k
+    np.testing.assert_allclose(df["soc"].to_numpy().reshape(5, 20), soc[:, :20], rtol=1e-5, atol=1e-6)
+    meta = json.loads(out.with_name("synthetic.csv.json").read_text())
+    assert meta["epoch"] == 2 and meta["seed"] == 3 and meta["first_generated_step"] == 19 and meta["hz"] == 10
+
+
+def reference(run: Path, n: int, seed: int, epoch: int = 2, steps: str = "paper"):
+    config = json.loads((run / "config.json").read_text())
+    return generate.synthesize(run, config, run / f"{epoch}_epoch", n, seed, torch.device("cpu"), steps=steps)
+
+
+def test_real_data_round_trip_stays_in_physical_ranges():
+    """The unscaling the files use maps the real training windows into the cell's physical ranges."""
+    real = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::50]
+    phys = generate.to_physical(np.asarray(real), SCALER)
+    assert 2.5 <= phys[..., 0].min() and phys[..., 0].max() <= 4.25        # volts
+    assert -20 <= phys[..., 1].min() and phys[..., 1].max() <= 7          # amperes, discharge negative
+    assert -2 <= phys[..., 2].min() and phys[..., 2].max() <= 27          # degC
+    assert 0 <= phys[..., 3].min() and phys[..., 3].max() <= 1            # SOC untouched
+
+
+def test_parquet_npy_and_scaled_outputs_agree(tiny_run, tmp_path):
+    pq, npy, scaled = tmp_path / "a.parquet", tmp_path / "a.npy", tmp_path / "s.parquet"
+    for out, extra in ((pq, []), (npy, []), (scaled, ["--scaled"])):
+        assert gen(tiny_run, "-n", "4", "-o", str(out), "--seed", "9", "--epoch", "1", *extra) == 0
+    df, arr, sdf = pd.read_parquet(pq), np.load(npy), pd.read_parquet(scaled)
+    assert arr.shape == (4, 20, 4) and arr.dtype == np.float32
+    np.testing.assert_allclose(df[["voltage_V", "current_A", "temperature_C", "soc"]].to_numpy(),
+                               arr.reshape(-1, 4), rtol=1e-6)
+    assert list(sdf.columns[3:]) == ["voltage_scaled", "current_scaled", "temperature_scaled", "soc"]
+    lo, hi = np.array(SCALER["min"]), np.array(SCALER["max"])
+    np.testing.assert_allclose(sdf.iloc[:, 3:6].to_numpy() * (hi - lo) + lo, df.iloc[:, 3:6].to_numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a.parquet", "a.parquet.json", "a.npy", "a.npy.json", "s.parquet", "s.parquet.json"])   # no temp files
+
+
+def test_seed_reproduces_and_labelled_steps_cover_every_labelled_step(tiny_run):
+    a, first = reference(tiny_run, n=3, seed=4)
+    b, _ = reference(tiny_run, n=3, seed=4)
+    c, _ = reference(tiny_run, n=3, seed=5)
+    assert first == 19 and np.array_equal(a, b) and not np.allclose(a, c)
+    full, first_full = reference(tiny_run, n=3, seed=4, steps="labelled")
+    assert first_full == 19 and full.shape == (3, 21, 4)   # steps 19..39 (the paper's mode drops the last)
+    np.testing.assert_allclose(full[:, :20], a, rtol=1e-6)
+    # generating in batches gives the same sequences as one batch
+    config = json.loads((tiny_run / "config.json").read_text())
+    g = generate.load_generator(config, tiny_run / "2_epoch", torch.device("cpu"))
+    np.testing.assert_allclose(generate.generate(g, 5, 1, 2, torch.device("cpu")),
+                               generate.generate(g, 5, 1, 256, torch.device("cpu")), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["no_run", "no_epoch", "extension", "folder", "n_zero", "no_scaler", "argparse"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    argv = ["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "-n", "2", "-o", str(out), "--device", "cpu"]
+    if case == "no_run":
+        argv[1] = "0_no_such_run"
+    elif case == "no_epoch":
+        argv += ["--epoch", "7"]
+    elif case == "extension":
+        out = tmp_path / "out.xlsx"
+        argv[argv.index("-o") + 1] = str(out)
+    elif case == "folder":
+        out = tmp_path / "missing" / "out.csv"
+        argv[argv.index("-o") + 1] = str(out)
+    elif case == "n_zero":
+        argv[argv.index("-n") + 1] = "0"
+    elif case == "no_scaler":   # a copy of the run whose data had no sidecar
+        copy = tmp_path / "runs" / tiny_run.name
+        shutil.copytree(tiny_run, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["scaler"] = None
+        (copy / "config.json").write_text(json.dumps(config))
+        argv[argv.index("--results-dir") + 1] = str(copy.parent)
+    elif case == "argparse":
+        argv.remove("-r")
+        argv.remove(tiny_run.name)
+    before = sorted(tmp_path.rglob("*"))
+    if case == "argparse":   # argparse's own errors exit from inside main
+        with pytest.raises(SystemExit) as exc:
+            generate.main(argv)
+        code = exc.value.code
+    else:
+        code = generate.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err, err
+    assert sorted(tmp_path.rglob("*")) == before   # nothing written
+
+
+def test_command_line_runs_without_tensorflow(tiny_run, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "cli.parquet"
+    code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None; import generate; "
+            f"sys.exit(generate.main({['-r', tiny_run.name, '--results-dir', str(tiny_run.parent), '-n', '2', '-o', str(out), '--seed', '1']!r}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_parquet(out)) == 2 * 20
