@@ -316,8 +316,13 @@ class SOCEstimator:
         path = Path(path)
         if backend == "torch":
             model = load_keras_h5(path)
-            device = torch.device(device)
-            return cls(model.to(device).eval(), path, device, backend)
+            try:
+                dev = torch.device(device)
+                model = model.to(dev)
+            except (RuntimeError, AssertionError) as e:  # e.g. "cuda" on a machine without a GPU
+                raise SOCModelError(f"{path}: cannot use device {str(device)!r} ({str(e).splitlines()[0]}); "
+                                    f"pick an available one, e.g. device='cpu'") from None
+            return cls(model.eval(), path, dev, backend)
         if backend != "keras":
             raise SOCModelError(f"{path}: unknown SOC backend {backend!r}; use 'torch' or 'keras'")
         load_keras_h5(path)  # same one-line errors as the torch path for missing/corrupt/foreign files

@@ -214,6 +214,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SOCModelError(f"--device {args.device}: no CUDA GPU visible here; use --device auto or cpu")
     out = Path(args.out)
     plots = Path(args.plots_dir) if args.plots_dir else out.parent / "test_cycles"
     if args.evaluate:
