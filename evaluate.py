@@ -1,0 +1,287 @@
+"""Quality metrics and plots for a saved epoch of a GAN run.
+
+    python evaluate.py -r 1700000000_lstm_gan                 # the latest saved epoch, every metric
+    python evaluate.py -r 1700000000_lstm_gan --epoch all --quick
+    python evaluate.py -r 1700000000_lstm_gan --epoch 20 --n-samples 200 --epochs 5 --tstr-hidden 32   # CPU
+
+Writes into <run>/<N>_epoch/:
+    metrics.json            flat {name: number} (merged into an existing file: the trainer's quick metrics)
+    metrics_settings.json   seed, sample sizes, training budgets, data files, fixed limits, what each key means
+    pca.png, tsne.png       the paper's PCA and t-SNE of the per-step feature means, real vs synthetic
+    sequences.png, marginals.png, acf.png   example sequences, value histograms, autocorrelation, physical units
+
+The synthetic data are the epoch's fake_data.npy (labelled by the trainer), or --generate N fresh ones. The real
+reference is the run's training data (or --real) over the same steps as the synthetic data; PCA/t-SNE compare the
+same steps too unless --pca-segment paper (the original: real steps 0..L-1 vs synthetic steps T-L-1..T-2).
+The TSTR/TRTR SOC task tests on --test (the real test cycles). Same --seed, same numbers on CPU.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")   # files only: no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import metrics
+from generate import GenerateError, OneLineParser, epoch_dirs, open_run, resolve_device, synthesize
+
+PROJECT_DIR = Path(__file__).resolve().parent
+TEST_DATA = "data/lg_test_300_data.npy"
+LABELS = ("voltage [V]", "current [A]", "temperature [degC]", "SOC [-]")
+N_SHOWN = 4   # example sequences per set in sequences.png
+
+
+class EvaluateError(GenerateError):
+    """Bad input: one line `error: ...`, exit code 2, nothing written."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+
+def find_file(path: str | Path, what: str, flag: str) -> Path:
+    """As given, else relative to the project (a run's config records paths as the trainer saw them)."""
+    for p in (Path(path), PROJECT_DIR / path):
+        if p.is_file():
+            return p
+    raise EvaluateError(f"{path}: {what} not found; pass it with {flag}")
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as err:   # any unreadable file
+        raise EvaluateError(f"{path}: unreadable {what} ({type(err).__name__}); rebuild it") from None
+    if x.ndim != 3 or x.shape[2] < 4 or not np.isfinite(x).all():
+        raise EvaluateError(f"{path}: {what} must be a finite [n, steps, >=4] array (V, I, T, SOC), "
+                            f"got shape {x.shape}")
+    return x[..., :4].astype(np.float32)
+
+
+def real_segment(real: np.ndarray, seq_len: int, length: int, segment: str) -> np.ndarray:
+    """The real windows' steps that match the synthetic data (T-L-1..T-2), or 'paper': steps 0..L-1."""
+    first = 0 if segment == "paper" else seq_len - 1 - length
+    return real[:, first:first + length]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots (physical units when the run has a scaler)
+
+def physical(x: np.ndarray, scaler: dict | None) -> np.ndarray:
+    if scaler is None:
+        return x
+    lo, hi = np.asarray(scaler["min"]), np.asarray(scaler["max"])
+    out = x.astype(np.float64)
+    out[..., :3] = out[..., :3] * (hi - lo) + lo
+    return out
+
+
+def save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_embedding(real: np.ndarray, fake: np.ndarray, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(real[:, 0], real[:, 1], s=6, alpha=0.5, c="tab:red", label="real")
+    ax.scatter(fake[:, 0], fake[:, 1], s=6, alpha=0.5, c="tab:blue", label="synthetic")
+    ax.set_title(title)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_sequences(real: np.ndarray, fake: np.ndarray, scaler: dict | None, path: Path) -> None:
+    t = np.arange(real.shape[1]) / 10   # 10 Hz
+    fig, axes = plt.subplots(4, 2, figsize=(10, 9), sharex=True, sharey="row")
+    for col, (x, name) in enumerate(((real, "real"), (fake, "synthetic"))):
+        x = physical(x[:N_SHOWN], scaler)
+        for f in range(4):
+            axes[f, col].plot(t, x[..., f].T, lw=0.8)
+            axes[f, 0].set_ylabel(LABELS[f] if scaler else LABELS[f].split()[0] + " [scaled]")
+        axes[0, col].set_title(name)
+        axes[3, col].set_xlabel("time [s]")
+    save_figure(fig, path)
+
+
+def plot_marginals(real: np.ndarray, fake: np.ndarray, scaler: dict | None, path: Path) -> None:
+    r, f = physical(real, scaler), physical(fake, scaler)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+    for i, ax in enumerate(axes):
+        bins = np.histogram_bin_edges(np.r_[r[..., i].ravel(), f[..., i].ravel()], bins=50)
+        ax.hist(r[..., i].ravel(), bins=bins, density=True, alpha=0.5, color="tab:red", label="real")
+        ax.hist(f[..., i].ravel(), bins=bins, density=True, alpha=0.5, color="tab:blue", label="synthetic")
+        ax.set_xlabel(LABELS[i] if scaler else LABELS[i].split()[0] + " [scaled]")
+    axes[0].legend()
+    save_figure(fig, path)
+
+
+def plot_acf(real: np.ndarray, fake: np.ndarray, path: Path) -> None:
+    max_lag = min(metrics.ACF_MAX_LAG, real.shape[1] - 1)
+    lags = np.arange(1, max_lag + 1) / 10
+    ar, af = metrics.autocorrelation(real, max_lag), metrics.autocorrelation(fake, max_lag)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3), sharey=True)
+    for i, ax in enumerate(axes):
+        ax.plot(lags, ar[i], c="tab:red", label="real")
+        ax.plot(lags, af[i], c="tab:blue", label="synthetic")
+        ax.set_title(metrics.FEATURES[i])
+        ax.set_xlabel("lag [s]")
+    axes[0].set_ylabel("autocorrelation")
+    axes[0].legend()
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one epoch
+
+def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,
+                   real_all: np.ndarray, test: np.ndarray | None, device: torch.device) -> dict[str, float]:
+    started = time.time()
+    scaler = config.get("scaler")
+    if args.generate:
+        fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, args.seed, device)
+    else:
+        fake = load_array(epoch_dir / "fake_data.npy", "synthetic data")
+    length = fake.shape[1]
+    real = real_segment(real_all, config["seq_len"], length, "aligned")
+
+    if args.quick:
+        values = metrics.quick_metrics(real, fake, scaler, args.seed)
+    else:
+        values = metrics.all_metrics(real, fake, scaler, args.seed, device, test_windows=test, train_windows=real_all,
+                                     epochs=args.epochs, hidden=args.hidden, max_seq=args.n_samples,
+                                     tstr_epochs=args.tstr_epochs, tstr_hidden=args.tstr_hidden,
+                                     tstr_max_windows=args.tstr_max_windows, tstr_max_test=args.tstr_max_test)
+
+    # PCA and t-SNE on equal-sized samples, the real one over the steps --pca-segment names
+    rng = np.random.default_rng(args.seed)
+    n = min(len(fake), len(real_all), args.n_samples)
+    fake_s = metrics.subsample(fake, n, rng)
+    real_s = metrics.subsample(real_segment(real_all, config["seq_len"], length, args.pca_segment), n, rng)
+    emb = metrics.pca_tsne(real_s, fake_s, seed=args.seed)
+    segment = "same steps" if args.pca_segment == "aligned" else "paper: real steps 0..L-1"
+    plot_embedding(emb["pca_real"], emb["pca_fake"], f"PCA, epoch {epoch} ({segment})", epoch_dir / "pca.png")
+    plot_embedding(emb["tsne_real"], emb["tsne_fake"], f"t-SNE, epoch {epoch} ({segment})", epoch_dir / "tsne.png")
+    plot_sequences(metrics.subsample(real, N_SHOWN, rng), fake_s, scaler, epoch_dir / "sequences.png")
+    plot_marginals(metrics.subsample(real, args.n_samples, rng), fake_s, scaler, epoch_dir / "marginals.png")
+    plot_acf(metrics.subsample(real, args.n_samples, rng), fake_s, epoch_dir / "acf.png")
+
+    write_json(epoch_dir / "metrics.json", {**read_json(epoch_dir / "metrics.json"), **values})
+    write_json(epoch_dir / "metrics_settings.json", {
+        "epoch": epoch, "seed": args.seed, "device": str(device), "quick": args.quick,
+        "fake": f"--generate {args.generate}" if args.generate else str(epoch_dir / "fake_data.npy"),
+        "n_fake": len(fake), "n_real": len(real_all), "steps": length,
+        "real_steps": [config["seq_len"] - 1 - length, config["seq_len"] - 2],
+        "real_data": str(args.real_path), "test_data": None if test is None else str(args.test_path),
+        "n_samples": args.n_samples, "post_hoc_epochs": args.epochs, "post_hoc_hidden": args.hidden,
+        "tstr_epochs": args.tstr_epochs, "tstr_hidden": args.tstr_hidden, "tstr_max_windows": args.tstr_max_windows,
+        "tstr_max_test": args.tstr_max_test, "pca_segment": args.pca_segment, "constants": metrics.settings(),
+        "seconds": round(time.time() - started, 2), "docs": metrics.METRIC_DOCS,
+    })
+    return values
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def epoch_arg(text: str) -> int | str:
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an epoch number or 'all', got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("-r", "--result-name", required=True, help="run folder name under --results-dir")
+    p.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
+    p.add_argument("--epoch", type=epoch_arg, default=None, help="saved epoch N, or all (default: the latest)")
+    p.add_argument("--real", default=None, help="real windows .npy (default: the run's training data)")
+    p.add_argument("--test", default=TEST_DATA, help="real SOC test windows .npy for TSTR/TRTR")
+    p.add_argument("--quick", action="store_true", help="only the cheap metrics (no post-hoc model training)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample and post-hoc model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--generate", type=positive, default=None, metavar="N",
+                   help="evaluate N freshly generated sequences instead of the epoch's fake_data.npy")
+    p.add_argument("--n-samples", type=positive, default=1000,
+                   help="sequences per set for the post-hoc models, PCA/t-SNE and plots")
+    p.add_argument("--epochs", type=positive, default=20, help="training epochs of the post-hoc GRUs")
+    p.add_argument("--hidden", type=positive, default=32, help="hidden size of the post-hoc GRUs")
+    p.add_argument("--tstr-epochs", type=positive, default=20, help="training epochs of the TSTR/TRTR SOC LSTM")
+    p.add_argument("--tstr-hidden", type=positive, default=256, help="SOC LSTM width (256 = the paper's)")
+    p.add_argument("--tstr-max-windows", type=positive, default=4000, help="training windows for TSTR and TRTR")
+    p.add_argument("--tstr-max-test", type=positive, default=None, help="test windows used (default: all)")
+    p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
+                   help="aligned: real and synthetic over the same steps; paper: real steps 0..L-1 vs synthetic "
+                        "steps T-L-1..T-2, as the original")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    # every input is checked before the first file is written
+    device = resolve_device(args.device)
+    epoch = None if args.epoch == "all" else args.epoch
+    run_dir, config, latest, latest_dir = open_run(args.results_dir, args.result_name, epoch)
+    epochs = epoch_dirs(run_dir) if args.epoch == "all" else {latest: latest_dir}
+    args.real_path = find_file(args.real or config["data_path"], "real data", "--real")
+    real_all = load_array(args.real_path, "real data")
+    if real_all.shape[1] != config["seq_len"]:
+        raise EvaluateError(f"{args.real_path}: windows of {real_all.shape[1]} steps, but the run generates "
+                            f"{config['seq_len']}; pass the run's training data with --real")
+    if not args.generate:
+        missing = [d / "fake_data.npy" for d in epochs.values() if not (d / "fake_data.npy").is_file()]
+        if missing:
+            raise EvaluateError(f"{missing[0]}: missing; the epoch folder is incomplete (evaluate fresh sequences "
+                                f"with --generate N)")
+    test = None
+    if not args.quick:
+        args.test_path = find_file(args.test, "SOC test data", "--test")
+        test = load_array(args.test_path, "SOC test data")
+    done = []
+    for n, epoch_dir in epochs.items():
+        values = evaluate_epoch(args, run_dir, config, n, epoch_dir, real_all, test, device)
+        print(f"epoch {n}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                          if not k.startswith("real_")), flush=True)
+        done.append(epoch_dir / "metrics.json")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except GenerateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""evaluate.py on a tiny CPU run: metrics.json with every metric, the plots, reproducibility, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from test_generate import make_tiny_run
+
+# the post-hoc models at toy size: the point here is the plumbing, test_metrics.py checks the numbers
+TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1", "--tstr-hidden", "8",
+        "--tstr-max-test", "64", "--n-samples", "50"]
+PLOTS = ("pca.png", "tsne.png", "sequences.png", "marginals.png", "acf.png")
+EVERY_KEY = ("w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "acf_diff_V", "acf_diff_mean", "mmd2_rbf_flat",
+             "mmd2_rbf_diff", "phys_v_out_of_limits", "phys_t_out_of_range", "phys_soc_out_of_range",
+             "phys_soc_rise_while_discharging", "real_phys_v_out_of_limits", "discriminative_score",
+             "discriminative_accuracy", "predictive_mae", "predictive_mae_real", "tstr_rmse_soc_pct",
+             "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, soc_model, tmp_path_factory) -> Path:
+    return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("eval") / "results")
+
+
+def ev(run: Path, *extra) -> int:
+    return evaluate.main(["-r", run.name, "--results-dir", str(run.parent), *TINY, *extra])
+
+
+def test_latest_epoch_gets_every_metric_and_the_plots(tiny_run, capsys):
+    assert ev(tiny_run) == 0
+    epoch_dir = tiny_run / "2_epoch"   # the latest
+    values = json.loads((epoch_dir / "metrics.json").read_text())
+    for key in EVERY_KEY:
+        assert key in values, key
+    assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in values.values())   # flat, numbers only
+    settings = json.loads((epoch_dir / "metrics_settings.json").read_text())
+    assert settings["seed"] == 0 and settings["constants"]["v_limits_V"] == [2.5, 4.2]
+    assert settings["real_steps"] == [19, 38] and "discriminative_score" in settings["docs"]
+    for name in PLOTS:
+        assert (epoch_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not (tiny_run / "1_epoch" / "metrics.json").exists()
+    assert not list(tiny_run.rglob(".*.tmp"))
+    assert "epoch 2: w1_V=" in capsys.readouterr().out
+
+
+def test_same_seed_same_numbers_and_merge_with_the_trainers_file(tiny_run):
+    path = tiny_run / "1_epoch" / "metrics.json"
+    path.write_text(json.dumps({"trainer_key": 1.5, "w1_V": -1.0}))
+    assert ev(tiny_run, "--epoch", "1", "--seed", "3") == 0
+    first = json.loads(path.read_text())
+    assert first["trainer_key"] == 1.5 and first["w1_V"] >= 0   # kept, and overwritten with the fresh value
+    assert ev(tiny_run, "--epoch", "1", "--seed", "3") == 0
+    assert json.loads(path.read_text()) == first
+    assert ev(tiny_run, "--epoch", "1", "--seed", "4", "--quick") == 0
+    assert json.loads((path.parent / "metrics_settings.json").read_text())["seed"] == 4
+
+
+def test_all_epochs_quick_and_paper_segment(tiny_run, tmp_path):
+    # a copy, so the other tests' files stay as they left them
+    import shutil
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    for p in copy.rglob("metrics*.json"):
+        p.unlink()
+    assert evaluate.main(["-r", copy.name, "--results-dir", str(tmp_path), *TINY, "--epoch", "all", "--quick",
+                          "--pca-segment", "paper"]) == 0
+    for n in (1, 2):
+        values = json.loads((copy / f"{n}_epoch" / "metrics.json").read_text())
+        assert "w1_mean" in values and "discriminative_score" not in values   # quick: no post-hoc models
+        assert json.loads((copy / f"{n}_epoch" / "metrics_settings.json").read_text())["pca_segment"] == "paper"
+
+
+def test_generate_fresh_sequences(tiny_run, tmp_path):
+    import shutil
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    (copy / "2_epoch" / "fake_data.npy").unlink()   # --generate does not need the saved samples
+    assert evaluate.main(["-r", copy.name, "--results-dir", str(tmp_path), *TINY, "--quick", "--generate", "30"]) == 0
+    settings = json.loads((copy / "2_epoch" / "metrics_settings.json").read_text())
+    assert settings["n_fake"] == 30 and settings["fake"] == "--generate 30"
+
+
+@pytest.mark.parametrize("case", ["no_run", "no_epoch", "no_real", "no_test", "bad_epoch", "no_fake"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    argv = ["-r", copy.name, "--results-dir", str(tmp_path), *TINY]
+    if case == "no_run":
+        argv[1] = "0_no_such_run"
+    elif case == "no_epoch":
+        argv += ["--epoch", "9"]
+    elif case == "no_real":
+        argv += ["--real", str(tmp_path / "missing.npy")]
+    elif case == "no_test":
+        argv += ["--test", str(tmp_path / "missing.npy")]
+    elif case == "bad_epoch":
+        argv += ["--epoch", "latest"]
+    elif case == "no_fake":
+        (copy / "1_epoch" / "fake_data.npy").unlink()
+        argv += ["--epoch", "all", "--quick"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    if case == "bad_epoch":
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main(argv)
+        code = exc.value.code
+    else:
+        code = evaluate.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err, err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
