@@ -211,6 +211,7 @@ class GANTrainerBase(ABC):
         self.real_data = dataset.data.numpy()                       # [n, T, 4]: V, I, T, SOC (scaled)
         self.n_features = 3                                         # the GAN generates V, I, T
         self.seq_len = dataset.seq_len
+        self.scaler = (load_sidecar(self.data_path) or {}).get("scaler")   # None: metrics skip physical units
         self.train_data = dataset.data[:, :, :self.n_features].contiguous().to(self.device)
         self._check_shapes(len(dataset))
 
@@ -371,7 +372,7 @@ class GANTrainerBase(ABC):
             "device": str(self.device), "device_ids": self.device_ids, "world_size": self.world, "seed": self.seed,
             "seq_len": self.seq_len, "n_windows": len(self.train_data),
             "data_path": str(self.data_path), "data_sha256": sha256(self.data_path),
-            "scaler": (load_sidecar(self.data_path) or {}).get("scaler"),
+            "scaler": self.scaler,
             "soc_model": str(self.soc_model_path), "soc_backend": self.args.soc_backend,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "sklearn": sklearn.__version__},
@@ -473,7 +474,9 @@ class GANTrainerBase(ABC):
         out = np.empty((len(sequences), length, 4), dtype=np.float32)
         for start in range(0, len(sequences), 256):   # stream: memory bounded whatever -ess is
             chunk = sequences[start:start + 256]
-            soc = self.soc.label(chunk, window=window)  # column k: window ending at step window-1+k
+            # column k: window ending at step window-1+k; ~3 MB of activations per 300-step window, so CPU
+            # batches stay small
+            soc = self.soc.label(chunk, window=window, batch_size=2048 if self.device.type == "cuda" else 256)
             out[start:start + len(chunk), :, :3] = chunk[:, first:first + length]
             out[start:start + len(chunk), :, 3] = soc[:, first - (window - 1):first - (window - 1) + length]
         return out
@@ -501,8 +504,21 @@ class GANTrainerBase(ABC):
         np.save(tmp / "real_data.npy", real[:REAL_SAMPLE_SAVED])
         for name, array in metrics.pca_tsne(real, fake, seed=eval_seed % 2 ** 32).items():
             np.save(tmp / f"{name}.npy", array)
+        atomic_json(self.quality(real, fake, eval_seed % 2 ** 32), tmp / "metrics.json")
         shutil.rmtree(out, ignore_errors=True)   # an evaluation of this epoch from before a crash
         os.replace(tmp, out)
+
+    def quality(self, real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+        """The metrics of evaluate.py: quick ones by default, all with --eval-metrics all (TSTR on the shipped
+        real test cycles when their window matches -socs)."""
+        if self.args.eval_metrics == "quick":
+            return metrics.quick_metrics(real, fake, self.scaler, seed)
+        test_path = PROJECT_DIR / "data" / "lg_test_300_data.npy"
+        test = np.load(test_path) if test_path.is_file() else None
+        if test is not None and test.shape[1] != real.shape[1]:
+            test = None
+        return metrics.all_metrics(real, fake, self.scaler, seed, self.device, test_windows=test,
+                                   train_windows=self.real_data)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
 

@@ -184,6 +184,9 @@ def test_tiny_run_creates_the_whole_results_folder(tiny_data, soc_model, tmp_pat
         assert fake.shape == (12, 20, 4) and np.isfinite(fake).all()
         for name, rows_expected in (("pca_real", 12), ("pca_fake", 12), ("tsne_real", 12), ("tsne_fake", 12)):
             assert np.load(folder / f"{name}.npy").shape == (rows_expected, 2)
+        quality = json.loads((folder / "metrics.json").read_text())
+        assert {"w1_V", "w1_SOC", "mmd2_rbf_flat", "acf_diff_mean"} <= set(quality)
+        assert all(np.isfinite(v) for v in quality.values())
         state = torch.load(folder / "generator.pth")
         assert not any(k.startswith("module.") for k in state)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -203,6 +206,14 @@ def test_fake_data_soc_column_comes_from_the_estimator(tiny_data, soc_model, tmp
     # the stored steps 19..38 are exactly the 20-step window that ends at the last stored step
     soc_last = SOCEstimator.load(soc_model).label(fake[:, :, :3], window=20)[:, 0]
     np.testing.assert_allclose(fake[:, -1, 3], soc_last, atol=1e-5)
+
+
+def test_eval_metrics_all_adds_the_post_hoc_scores(tiny_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "1", "-s", "1", "--eval-metrics", "all")) == 0
+    [run] = run_dirs(results)
+    quality = json.loads((run / "1_epoch" / "metrics.json").read_text())
+    assert {"w1_V", "discriminative_score", "predictive_mae"} <= set(quality)
 
 
 def test_two_runs_in_the_same_second_get_different_folders(tiny_data, soc_model, tmp_path, monkeypatch):
