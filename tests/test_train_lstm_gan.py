@@ -324,3 +324,15 @@ def test_resume_errors(tiny_data, soc_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "incompatible architecture" in err and "\n" not in err
     assert read_losses(run) == before
+
+
+@pytest.mark.slow
+def test_result_notebook_executes_headless_on_a_real_run(tiny_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "4", "-s", "2", "--execute-notebook")) == 0
+    [run] = run_dirs(results)
+    html = (run / "result.html").read_text()
+    assert "Traceback" not in html and html.count("data:image/png") >= 4
+    executed = json.loads((run / "result.ipynb").read_text())
+    outputs = [o for cell in executed["cells"] if cell["cell_type"] == "code" for o in cell.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
