@@ -83,6 +83,7 @@ def physical(x: np.ndarray, scaler: dict | None) -> np.ndarray:
 
 def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
@@ -157,7 +158,8 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
         values = metrics.all_metrics(real, fake, scaler, args.seed, device, test_windows=test, train_windows=real_all,
                                      epochs=args.epochs, hidden=args.hidden, max_seq=args.n_samples,
                                      tstr_epochs=args.tstr_epochs, tstr_hidden=args.tstr_hidden,
-                                     tstr_max_windows=args.tstr_max_windows, tstr_max_test=args.tstr_max_test)
+                                     tstr_batch_size=args.tstr_batch_size, tstr_max_windows=args.tstr_max_windows,
+                                     tstr_max_test=args.tstr_max_test)
 
     # PCA and t-SNE on equal-sized samples, the real one over the steps --pca-segment names
     rng = np.random.default_rng(args.seed)
@@ -180,7 +182,8 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
         "real_steps": [config["seq_len"] - 1 - length, config["seq_len"] - 2],
         "real_data": str(args.real_path), "test_data": None if test is None else str(args.test_path),
         "n_samples": args.n_samples, "post_hoc_epochs": args.epochs, "post_hoc_hidden": args.hidden,
-        "tstr_epochs": args.tstr_epochs, "tstr_hidden": args.tstr_hidden, "tstr_max_windows": args.tstr_max_windows,
+        "tstr_epochs": args.tstr_epochs, "tstr_hidden": args.tstr_hidden,
+        "tstr_batch_size": args.tstr_batch_size, "tstr_max_windows": args.tstr_max_windows,
         "tstr_max_test": args.tstr_max_test, "pca_segment": args.pca_segment, "constants": metrics.settings(),
         "seconds": round(time.time() - started, 2), "docs": metrics.METRIC_DOCS,
     })
@@ -236,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=positive, default=32, help="hidden size of the post-hoc GRUs")
     p.add_argument("--tstr-epochs", type=positive, default=20, help="training epochs of the TSTR/TRTR SOC LSTM")
     p.add_argument("--tstr-hidden", type=positive, default=256, help="SOC LSTM width (256 = the paper's)")
+    p.add_argument("--tstr-batch-size", type=positive, default=128, help="batch size of the TSTR/TRTR SOC LSTM")
     p.add_argument("--tstr-max-windows", type=positive, default=4000, help="training windows for TSTR and TRTR")
     p.add_argument("--tstr-max-test", type=positive, default=None, help="test windows used (default: all)")
     p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",

@@ -49,7 +49,7 @@ def test_latest_epoch_gets_every_metric_and_the_plots(tiny_run, capsys):
     assert settings["real_steps"] == [19, 38] and "discriminative_score" in settings["docs"]
     for name in PLOTS:
         assert (epoch_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert not (tiny_run / "1_epoch" / "metrics.json").exists()
+    assert not (tiny_run / "1_epoch" / "metrics_settings.json").exists()   # only the epoch asked for
     assert not list(tiny_run.rglob(".*.tmp"))
     assert "epoch 2: w1_V=" in capsys.readouterr().out
 

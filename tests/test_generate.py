@@ -153,8 +153,10 @@ def test_command_line_runs_without_tensorflow(tiny_run, tmp_path):
     import subprocess
     import sys
     out = tmp_path / "cli.parquet"
+    argv = ["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "-n", "2", "-o", str(out), "--seed", "1"]
+    # importing tensorflow or keras would now fail: the whole path must get by without them
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None; import generate; "
-            f"sys.exit(generate.main({['-r', tiny_run.name, '--results-dir', str(tiny_run.parent), '-n', '2', '-o', str(out), '--seed', '1']!r}))")
+            f"sys.exit(generate.main({argv!r}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert len(pd.read_parquet(out)) == 2 * 20

@@ -146,7 +146,7 @@ def test_post_hoc_models_are_reproducible_and_leave_the_global_rng_alone(sets):
 def test_tstr_trains_the_papers_soc_network_and_penalises_constant_data(sets):
     test_windows = np.load(ROOT / "data" / "lg_test_300_data.npy", mmap_mode="r")[::20]   # 147 real test windows
     train = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::20]
-    kw = dict(seed=0, device=CPU, epochs=4, hidden=16, lr=1e-2)
+    kw = dict(seed=0, device=CPU, epochs=4, hidden=16, batch_size=32, lr=1e-2)
     good = metrics.soc_tstr(sets["held_out"], test_windows, train, **kw)
     assert set(good) == {"tstr_rmse_soc_pct", "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct"}
     assert 0 < good["tstr_mae_soc_pct"] <= good["tstr_rmse_soc_pct"] < 100
