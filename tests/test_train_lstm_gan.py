@@ -336,3 +336,22 @@ def test_result_notebook_executes_headless_on_a_real_run(tiny_data, soc_model, t
     executed = json.loads((run / "result.ipynb").read_text())
     outputs = [o for cell in executed["cells"] if cell["cell_type"] == "code" for o in cell.get("outputs", [])]
     assert not any(o.get("output_type") == "error" for o in outputs)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_epoch_and_checkpoints_it(tiny_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(tiny_data, soc_model, results, "-e", "500")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dirs(results) and len(read_losses(run_dirs(results)[0])) > 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    [run] = run_dirs(results)
+    epochs = len(read_losses(run)) - 1
+    assert 2 <= epochs < 500
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == epochs
+    assert f"Stopped after epoch {epochs}; resume with: python train_lstm_gan.py -r {run.name}" in out
