@@ -47,6 +47,7 @@ def pca_tsne(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, np.ndar
 # what each key means (evaluate.py writes it next to metrics.json; the README lists it)
 
 METRIC_DOCS = {
+    "nonfinite_share": "lower: share of synthetic values that are NaN or inf (a diverged generator; 0 expected)",
     "w1_<F>": "lower: Wasserstein-1 distance between real and synthetic values of feature F (V, I, T, SOC), "
               "pooled over all steps, in scaled units (0..1 = the training data's min..max)",
     "w1_mean": "lower: mean of w1_<F> over the features",
@@ -135,8 +136,8 @@ def mmd2_rbf(real: np.ndarray, fake: np.ndarray) -> float:
     k = torch.exp(-d2 / (2 * sigma2))
     n, m = len(x), len(y)
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    mmd2 = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-            - 2 * kxy.mean())
+    pairs_x, pairs_y = max(1, n * (n - 1)), max(1, m * (m - 1))   # a single sequence: no pairs, term 0
+    mmd2 = (kxx.sum() - kxx.diagonal().sum()) / pairs_x + (kyy.sum() - kyy.diagonal().sum()) / pairs_y - 2 * kxy.mean()
     return float(mmd2)
 
 
@@ -163,7 +164,9 @@ def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed:
         raise ValueError(f"real {real.shape} and fake {fake.shape} must have the same steps and features")
     rng = np.random.default_rng(seed)
     real_s, fake_s = subsample(real, QUICK_MAX_SEQ, rng), subsample(fake, QUICK_MAX_SEQ, rng)
-    out = marginal_w1(real_s, fake_s)
+    # a diverged generator gives NaN/inf: say how much, and let the other metrics come out NaN, not crash
+    out = {"nonfinite_share": float(1 - np.isfinite(fake).mean())}
+    out.update(marginal_w1(real_s, fake_s))
     out.update(acf_difference(real_s, fake_s))
     real_m, fake_m = subsample(real_s, MMD_MAX_SEQ, rng), subsample(fake_s, MMD_MAX_SEQ, rng)
     out["mmd2_rbf_flat"] = mmd2_rbf(real_m, fake_m)

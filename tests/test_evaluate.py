@@ -13,8 +13,8 @@ from test_generate import make_tiny_run
 TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1", "--tstr-hidden", "8",
         "--tstr-max-test", "64", "--n-samples", "50"]
 PLOTS = ("pca.png", "tsne.png", "sequences.png", "marginals.png", "acf.png")
-EVERY_KEY = ("w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "acf_diff_V", "acf_diff_mean", "mmd2_rbf_flat",
-             "mmd2_rbf_diff", "phys_v_out_of_limits", "phys_t_out_of_range", "phys_soc_out_of_range",
+EVERY_KEY = ("nonfinite_share", "w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "acf_diff_V", "acf_diff_mean",
+             "mmd2_rbf_flat", "mmd2_rbf_diff", "phys_v_out_of_limits", "phys_t_out_of_range", "phys_soc_out_of_range",
              "phys_soc_rise_while_discharging", "real_phys_v_out_of_limits", "discriminative_score",
              "discriminative_accuracy", "predictive_mae", "predictive_mae_real", "tstr_rmse_soc_pct",
              "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct")
@@ -51,7 +51,7 @@ def test_latest_epoch_gets_every_metric_and_the_plots(tiny_run, capsys):
         assert (epoch_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not (tiny_run / "1_epoch" / "metrics_settings.json").exists()   # only the epoch asked for
     assert not list(tiny_run.rglob(".*.tmp"))
-    assert "epoch 2: w1_V=" in capsys.readouterr().out
+    assert "epoch 2: nonfinite_share=0, w1_V=" in capsys.readouterr().out
 
 
 def test_same_seed_same_numbers_and_merge_with_the_trainers_file(tiny_run):

@@ -62,6 +62,7 @@ def test_quick_metrics_separate_bad_from_held_out_real(sets):
     assert good["phys_v_out_of_limits"] < 0.001 and good["phys_t_out_of_range"] == 0.0
     assert q["shuffled"]["phys_soc_rise_while_discharging"] > 0.2
     assert all(isinstance(v, float) for v in good.values())
+    assert good["nonfinite_share"] == 0.0
 
 
 def test_quick_metrics_without_scaler_has_no_physics_and_rejects_mismatched_steps(sets):
@@ -69,6 +70,14 @@ def test_quick_metrics_without_scaler_has_no_physics_and_rejects_mismatched_step
     assert not any(k.startswith(("phys_", "real_phys_")) for k in q)
     with pytest.raises(ValueError, match="same steps"):
         metrics.quick_metrics(sets["real"], sets["held_out"][:, :-1], None, seed=0)
+
+
+def test_quick_metrics_report_diverged_output_instead_of_crashing(sets):
+    fake = sets["held_out"].copy()
+    fake[:15] = np.nan   # a tenth of the sequences diverged
+    with np.errstate(invalid="ignore"):
+        q = metrics.quick_metrics(sets["real"], fake, SCALER, seed=0)
+    assert q["nonfinite_share"] == pytest.approx(0.1)
 
 
 def test_quick_metrics_is_fast_and_reproducible_at_the_papers_size():
