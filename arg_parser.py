@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-metrics", choices=["quick", "all"], default="quick",
                    help="metrics written to <N>_epoch/metrics.json at every -s epoch: quick (distribution distances, "
                         "physics checks) or all (adds discriminative, predictive and TSTR scores; slower)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="fp32: the faithful numerics (TF32 off, also in cuDNN); tf32: TF32 matmuls and cuDNN on "
+                        "Ampere+ GPUs; bf16: bfloat16 autocast of the networks (losses and optimizer stay fp32)")
     p.add_argument("--execute-notebook", action="store_true",
                    help="execute result.ipynb headless at the end of training and write result.html")
     return p

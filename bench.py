@@ -1,0 +1,377 @@
+"""
+Speed of one WGAN-GP critic iteration and one generator iteration, the original algorithm ('reference', as the
+paper's code ran it) side by side with this project's training path ('fast'), plus SOC-labelling throughput.
+Prints one JSON line per measurement, then whether both give the same losses for the same seed and batches.
+
+    python bench.py --device cuda                     # the paper config: batch 64, 600 steps, -gid 128, scale 1
+    python bench.py --device cuda --batch 512 --impl fast
+    python bench.py --device cuda --precision bf16
+    python bench.py --device cpu --quick              # a smoke run, under a minute on 2 cores
+    python bench.py --device cpu --scale 0.125 --steps 3
+
+'reference' is written here, from the original loop (KeiLongW/synthetic-battery-data, GANTrainerBase._do_training):
+the loader iterator rebuilt at every critic step, the fake batch made with generator gradients and the critic's
+fake loss back-propagated into the generator, three separate critic forwards (real, fake, interpolates), cuDNN
+off around the penalty, and one host sync per critic step (the original printed every step's losses). It uses
+the project's Generator/Discriminator (same networks, same numerics) and draws its noise on the device, like the
+fast path, so that the same seed gives the same numbers. On the CPU it runs torch's defaults, as the original
+would: oneDNN LSTM kernels everywhere, the penalty included. 'fast' is TrainLSTMGAN.critic_step/generator_step.
+Both run under the same TF32 flags (--precision fp32: TF32 off, also in cuDNN, where torch's default allows it).
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim import Adam
+from torch.utils.data import DataLoader
+
+from arg_parser import parse_arg
+from gan_trainer_base import unwrap
+from soc_estimator import SOCLSTM, save_keras_h5
+from train_lstm_gan import Discriminator, Generator, TrainLSTMGAN
+
+ROOT = Path(__file__).resolve().parent
+REAL_DATA = ROOT / "data" / "lg_600_data.npy"
+# keys of every JSON line (tests/test_bench.py checks them)
+KEYS = ("measure", "impl", "device", "device_name", "dtype", "precision", "batch", "seq_len", "scale", "gid",
+        "steps", "seconds", "seconds_all", "peak_memory_bytes", "memory_kind", "ratio_reference_over_fast",
+        "torch", "threads")
+# reference and fast losses agree to this (the fast path batches the real and fake forwards: rounding only)
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--scale", type=float, default=1.0, help="--model-scale of both networks")
+    p.add_argument("--seq-len", type=int, default=600)
+    p.add_argument("--gid", type=int, default=128, help="generator input dimension (-gid)")
+    p.add_argument("--steps", type=int, default=5, help="timed repetitions; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (allocator, cuDNN plans)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--impl", choices=["both", "fast", "reference"], default="both")
+    p.add_argument("--penalty-chunk", type=int, default=0,
+                   help="fast path: penalty in chunks of this many samples (0: whole batch); exact, less memory")
+    p.add_argument("--data", choices=["real", "random"], default="real",
+                   help="real: windows of data/lg_600_data.npy (random when absent or --seq-len > 600)")
+    p.add_argument("--check-steps", type=int, default=3, help="critic steps of the equal-loss check (0: skip)")
+    p.add_argument("--label-seqs", type=int, default=None,
+                   help="sequences labelled for the throughput figure (default 4000 on cuda, 4 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in well under a minute")
+    cfg = p.parse_args(argv)
+    if cfg.quick:   # every shape small; the code path is the same
+        cfg.batch, cfg.scale, cfg.seq_len, cfg.gid = 16, 0.0625, 60, 16
+        cfg.steps, cfg.warmup, cfg.check_steps = 3, 1, 2
+        cfg.label_seqs = 4 if cfg.label_seqs is None else cfg.label_seqs
+        # tiny shapes run fastest on one thread; two threads on two busy cores spin in OpenMP barriers
+        cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else 0)
+    if cfg.label_seqs is None:
+        cfg.label_seqs = 4000 if cfg.device.startswith("cuda") else 4
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the machine
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    # Linux reports KiB; the high-water mark is process-wide and never goes down, so 'fast' is measured first
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_high_water"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def set_precision(precision: str) -> None:
+    """What the fast path sets at every step, set here for the reference too: both run the same math."""
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+# -----------------------------------------------------------------------------
+# the fast path: the project's trainer, built from its own command line on temporary files
+
+def write_inputs(cfg: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
+    """A data .npy [n, T, 4] (V, I, T, SOC, scaled) and a random-weight SOC model (.h5) in workdir."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.data == "real" and REAL_DATA.is_file() and cfg.seq_len <= 600:
+        windows = np.load(REAL_DATA, mmap_mode="r")
+        data = np.ascontiguousarray(windows[:, :cfg.seq_len], dtype=np.float32)
+    else:
+        n = max(4 * cfg.batch, 256)
+        data = np.random.default_rng(cfg.seed).random((n, cfg.seq_len, 4), dtype=np.float32)
+    data_path = workdir / "data.npy"
+    np.save(data_path, data)
+    torch.manual_seed(cfg.seed)
+    soc_path = workdir / "soc.h5"
+    save_keras_h5(SOCLSTM(), soc_path)
+    return data_path, soc_path
+
+
+def soc_window(seq_len: int) -> int:
+    return min(300, seq_len // 2)   # the paper's 300 steps, or half of a shorter sequence
+
+
+def make_trainer(cfg: argparse.Namespace, workdir: Path) -> TrainLSTMGAN:
+    data_path, soc_path = write_inputs(cfg, workdir)
+    argv = ["-d", str(data_path), "-socmp", str(workdir), "-socm", soc_path.name,
+            "--results-dir", str(workdir / "results"), "-b", str(cfg.batch), "-gid", str(cfg.gid),
+            "--model-scale", str(cfg.scale), "-socs", str(soc_window(cfg.seq_len)), "--device", cfg.device,
+            "--seed", str(cfg.seed), "--precision", cfg.precision]
+    trainer = TrainLSTMGAN(parse_arg(argv), argv)
+    trainer.args.penalty_chunk = cfg.penalty_chunk   # not a training flag (yet): read with getattr by the trainer
+    return trainer
+
+
+# -----------------------------------------------------------------------------
+# the reference: the original loop
+
+class Reference:
+    """The original WGAN-GP iteration, on copies of the trainer's networks and fresh Adam optimizers."""
+
+    def __init__(self, trainer: TrainLSTMGAN):
+        a, self.device = trainer.args, trainer.device
+        self.batch_size, self.seq_len, self.gid = a.batch_size, trainer.seq_len, a.generator_input_dim
+        self.lambda_term = a.gradient_penalty_lambda_term
+        self.G = Generator(self.gid, trainer.n_features, self.seq_len, a.generator_dropout, a.model_scale,
+                           a.norm_layout).to(self.device)
+        self.D = Discriminator(trainer.n_features, a.discriminator_dropout, a.model_scale,
+                               a.norm_layout).to(self.device)
+        self.g_optim = Adam(self.G.parameters(), lr=a.generator_learning_rate, weight_decay=a.generator_weight_decay,
+                            betas=(a.generator_adam_beta1, a.generator_adam_beta2))
+        self.d_optim = Adam(self.D.parameters(), lr=a.discriminator_learning_rate,
+                            weight_decay=a.discriminator_weight_decay,
+                            betas=(a.discriminator_adam_beta1, a.discriminator_adam_beta2))
+        self.copy_state(trainer)
+        self.dataset = trainer.train_data.cpu()   # the original kept its dataset on the host
+        self.real_batch = self.loader_batch
+
+    def copy_state(self, trainer: TrainLSTMGAN) -> None:
+        """Same weights and optimizer moments as the trainer now (deep copies: nothing is shared)."""
+        self.G.load_state_dict(unwrap(trainer.G).state_dict())
+        self.D.load_state_dict(unwrap(trainer.D).state_dict())
+        self.g_optim.load_state_dict(copy.deepcopy(trainer.g_optim.state_dict()))
+        self.d_optim.load_state_dict(copy.deepcopy(trainer.d_optim.state_dict()))
+
+    def loader_batch(self) -> torch.Tensor:
+        # defect 2: a new loader iterator (and a new shuffle of the whole dataset) at every critic step
+        return next(iter(DataLoader(self.dataset, self.batch_size, shuffle=True))).to(self.device)
+
+    def penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        # defect 3: eta sized from the configured batch; norm(2, dim=1) is over time (the paper's penalty)
+        eta = torch.rand(self.batch_size, 1, 1, device=self.device).expand_as(real)
+        x = (eta * real + (1 - eta) * fake).requires_grad_(True)
+        score = self.D(x)
+        grad, = torch.autograd.grad(score, x, grad_outputs=torch.ones_like(score), create_graph=True,
+                                    retain_graph=True)
+        return ((grad.norm(2, dim=1) - 1) ** 2).mean() * self.lambda_term
+
+    def critic_step(self) -> list[float]:
+        for p in self.D.parameters():
+            p.requires_grad = True
+        self.d_optim.zero_grad()
+        real = self.real_batch()
+        d_real = self.D(real).mean()
+        (-d_real).backward()
+        z = torch.randn(self.batch_size, self.seq_len, self.gid, device=self.device)
+        fake = self.G(z)   # defect 4: with generator gradients, and the backward below runs through G
+        d_fake = self.D(fake).mean()
+        d_fake.backward()
+        with torch.backends.cudnn.flags(enabled=False):
+            gp = self.penalty(real.data, fake.data)
+            gp.backward()
+        self.d_optim.step()
+        # the original printed every step's losses and summed .item()s: one host sync per critic step
+        return [(d_fake - d_real + gp).item(), d_real.item(), d_fake.item(), gp.item()]
+
+    def generator_step(self) -> float:
+        for p in self.D.parameters():
+            p.requires_grad = False
+        self.g_optim.zero_grad()
+        z = torch.randn(self.batch_size, self.seq_len, self.gid, device=self.device)
+        g_loss = self.D(self.G(z)).mean()
+        (-g_loss).backward()
+        self.g_optim.step()
+        for p in self.D.parameters():   # ready for the next critic step
+            p.requires_grad = True
+        return -g_loss.item()
+
+
+# -----------------------------------------------------------------------------
+# measurements
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> tuple[list[float], int, str]:
+    """Seconds of each of `steps` calls after `warmup` untimed ones, and the peak memory over all of them."""
+    reset_peak_memory(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    seconds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds, *peak_memory(device)
+
+
+def line(cfg: argparse.Namespace, device: torch.device, measure: str, impl: str, seconds: list[float],
+         memory: tuple[int, str], **extra) -> dict:
+    dtype = {"fp32": "float32", "tf32": "float32 (TF32 math)", "bf16": "bfloat16 autocast"}[cfg.precision]
+    return {"measure": measure, "impl": impl, "device": str(device), "device_name": device_name(device),
+            "dtype": dtype, "precision": cfg.precision, "batch": cfg.batch, "seq_len": cfg.seq_len,
+            "scale": cfg.scale, "gid": cfg.gid, "steps": len(seconds),
+            "seconds": statistics.median(seconds) if seconds else None,
+            "seconds_all": [round(s, 6) for s in seconds], "peak_memory_bytes": memory[0], "memory_kind": memory[1],
+            "ratio_reference_over_fast": None, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            **extra}
+
+
+def measure_training(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: Reference | None) -> list[dict]:
+    """Critic and generator iterations. The two implementations alternate step by step, so that a busy machine
+    slows both alike; on a GPU each call's peak memory is its own (both sets of weights stay resident, ~0.3 GB
+    at scale 1), on the CPU the RSS high-water mark is process-wide. An out-of-memory step is reported."""
+    impls = {"fast": (trainer.critic_step, trainer.generator_step)}
+    if reference is not None:
+        impls["reference"] = (reference.critic_step, reference.generator_step)
+    if cfg.impl != "both":
+        impls = {cfg.impl: impls[cfg.impl]}
+    device, lines = trainer.device, []
+    for k, measure in enumerate(("critic_step", "generator_step")):
+        seconds, memory, errors = {i: [] for i in impls}, {i: 0 for i in impls}, {}
+        for rep in range(cfg.warmup + cfg.steps):
+            for impl, fns in impls.items():
+                if impl in errors:
+                    continue
+                set_precision(cfg.precision)
+                # the fast path applies --precision itself; the reference runs under the same autocast
+                autocast = torch.autocast(device.type, torch.bfloat16,
+                                          enabled=cfg.precision == "bf16" and impl == "reference")
+                reset_peak_memory(device)
+                try:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    with autocast:
+                        fns[k]()
+                    sync(device)
+                except torch.cuda.OutOfMemoryError:
+                    errors[impl] = "out of memory"
+                    torch.cuda.empty_cache()
+                    continue
+                if rep >= cfg.warmup:
+                    seconds[impl].append(time.perf_counter() - t0)
+                memory[impl] = max(memory[impl], peak_memory(device)[0])
+        for impl in impls:
+            extra = {"error": errors[impl]} if impl in errors else {}
+            lines.append(line(cfg, device, measure, impl, seconds[impl], (memory[impl], peak_memory(device)[1]),
+                              **extra))
+        pair = {l["impl"]: l for l in lines[-len(impls):]}
+        if len(pair) == 2 and pair["fast"]["seconds"] and pair["reference"]["seconds"]:
+            ratio = round(pair["reference"]["seconds"] / pair["fast"]["seconds"], 3)
+            for l in pair.values():
+                l["ratio_reference_over_fast"] = ratio
+    return lines
+
+
+def measure_labelling(cfg: argparse.Namespace, trainer: TrainLSTMGAN) -> dict:
+    """SOCEstimator.label throughput over random scaled sequences (the evaluation's labelling step)."""
+    window = soc_window(cfg.seq_len)
+    sequences = np.random.default_rng(cfg.seed).random((cfg.label_seqs, cfg.seq_len, 3), dtype=np.float32)
+    windows = cfg.label_seqs * (cfg.seq_len - window + 1)
+    seconds, *memory = timed(lambda: trainer.soc.label(sequences, window=window), max(1, cfg.steps // 2),
+                             1 if cfg.warmup else 0, trainer.device)
+    per_s = windows / statistics.median(seconds)
+    # the trainer labels -ess sequences of 600 steps with 300-step windows (301 windows each)
+    return line(cfg, trainer.device, "soc_label", "fast", seconds, memory, sequences=cfg.label_seqs,
+                window=window, windows=windows, windows_per_s=round(per_s, 1),
+                projected_seconds_ess4000=round(4000 * 301 / per_s, 2))
+
+
+def check_equal_losses(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: Reference) -> dict:
+    """From the same weights, optimizer state, seed and real batches: `check_steps` critic steps and one generator
+    step of each, in fp32 (the numerics both share). The fast path batches the real and fake forwards and runs
+    the penalty on the native LSTM cells (on the CPU the reference uses oneDNN there): rounding differs only."""
+    reference.copy_state(trainer)
+    sampler = copy.deepcopy(trainer.sampler)   # the reference draws the very batches the fast path draws
+    reference.real_batch = lambda: trainer.train_data[sampler.next_indices().to(trainer.device)]
+    precision, trainer.args.precision = trainer.args.precision, "fp32"
+    try:
+        set_precision("fp32")
+        torch.manual_seed(cfg.seed)
+        fast = [trainer.critic_step().tolist() for _ in range(cfg.check_steps)]
+        fast.append([trainer.generator_step().item()])
+        set_precision("fp32")
+        torch.manual_seed(cfg.seed)
+        ref = [reference.critic_step() for _ in range(cfg.check_steps)] + [[reference.generator_step()]]
+    finally:
+        trainer.args.precision, reference.real_batch = precision, reference.loader_batch
+    fast_flat, ref_flat = np.array(sum(fast, [])), np.array(sum(ref, []))
+    diff = np.abs(fast_flat - ref_flat)
+    return {"measure": "equal_losses", "precision": "fp32", "device": str(trainer.device),
+            "critic_steps": cfg.check_steps, "columns": "[d_loss, d_real, d_fake, gp] per critic step, [g_loss]",
+            "losses_fast": fast, "losses_reference": ref, "max_abs_diff": float(diff.max()),
+            "max_rel_diff": float((diff / np.maximum(np.abs(ref_flat), LOSS_ATOL)).max()),
+            "rtol": LOSS_RTOL, "atol": LOSS_ATOL,
+            "equal": bool(np.allclose(fast_flat, ref_flat, rtol=LOSS_RTOL, atol=LOSS_ATOL))}
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        trainer = make_trainer(cfg, Path(tmp))
+        reference = Reference(trainer) if cfg.impl != "fast" else None
+        trainer.G.train()
+        trainer.D.train()
+        for result in measure_training(cfg, trainer, reference):
+            results.append(result)
+            print(json.dumps(result), flush=True)
+        if cfg.label_seqs:
+            results.append(measure_labelling(cfg, trainer))
+            print(json.dumps(results[-1]), flush=True)
+        if reference is not None and cfg.check_steps:
+            results.append(check_equal_losses(cfg, trainer, reference))
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

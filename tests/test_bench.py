@@ -1,0 +1,85 @@
+"""bench.py at tiny scale: the JSON lines carry the documented keys, and the reference (the original loop) and the
+fast path (the trainer's steps) give the same losses for the same seed and batches. Timings are not asserted."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+
+BF16_RTOL = 2e-2   # bf16 autocast against fp32 over 3 epochs of a tiny run (measured: < 5e-3)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    """A tiny config (the --quick shapes) and a trainer plus reference built from it."""
+    cfg = bench.parse(["--device", "cpu", "--quick"])
+    cfg.steps, cfg.warmup, cfg.label_seqs = 2, 1, 2
+    trainer = bench.make_trainer(cfg, tmp_path)
+    return cfg, trainer, bench.Reference(trainer)
+
+
+def test_training_lines_have_the_documented_keys(tiny):
+    cfg, trainer, reference = tiny
+    lines = bench.measure_training(cfg, trainer, reference)
+    assert [(l["measure"], l["impl"]) for l in lines] == [
+        ("critic_step", "fast"), ("critic_step", "reference"), ("generator_step", "fast"),
+        ("generator_step", "reference")]
+    for l in lines:
+        assert set(bench.KEYS) <= set(l), set(bench.KEYS) - set(l)
+        assert json.loads(json.dumps(l)) == l   # plain JSON
+        assert l["device"] == "cpu" and l["dtype"] == "float32" and l["batch"] == cfg.batch
+        assert l["steps"] == 2 and len(l["seconds_all"]) == 2 and l["seconds"] > 0
+        assert l["peak_memory_bytes"] > 0 and l["memory_kind"] == "rss_high_water"
+        assert l["ratio_reference_over_fast"] > 0
+
+
+def test_labelling_line(tiny):
+    cfg, trainer, _ = tiny
+    l = bench.measure_labelling(cfg, trainer)
+    assert set(bench.KEYS) <= set(l)
+    assert l["measure"] == "soc_label" and l["window"] == cfg.seq_len // 2
+    assert l["windows"] == 2 * (cfg.seq_len - l["window"] + 1) and l["windows_per_s"] > 0
+
+
+@pytest.mark.parametrize("chunk", [0, 3])   # 3: the penalty of a 16-sample batch in 6 uneven chunks (2 or 3)
+def test_reference_and_fast_give_the_same_losses(tiny, chunk):
+    cfg, trainer, reference = tiny
+    trainer.args.penalty_chunk = chunk
+    check = bench.check_equal_losses(cfg, trainer, reference)
+    assert check["equal"], check
+    assert len(check["losses_fast"]) == cfg.check_steps + 1
+    assert check["max_rel_diff"] < bench.LOSS_RTOL
+    # ... and not because nothing was computed: training moves the losses
+    assert check["losses_fast"][0] != check["losses_fast"][1]
+
+
+def test_main_prints_one_json_line_per_measurement(capsys):
+    results = bench.main(["--device", "cpu", "--quick"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == results
+    assert [r["measure"] for r in printed] == ["critic_step", "critic_step", "generator_step", "generator_step",
+                                               "soc_label", "equal_losses"]
+    assert printed[-1]["equal"]
+
+
+def bf16_autocast_works() -> bool:
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.nn.LSTM(3, 4, batch_first=True)(torch.randn(1, 2, 3))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not bf16_autocast_works(), reason="this CPU build has no bfloat16 autocast for LSTMs")
+def test_bf16_losses_stay_close_to_fp32(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = bench.parse(["--device", "cpu", "--quick", "--precision", precision])
+        trainer = bench.make_trainer(cfg, tmp_path / precision)
+        torch.manual_seed(0)
+        losses[precision] = np.array([list(trainer.train_epoch().values()) for _ in range(3)])
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=BF16_RTOL)
+    assert not np.array_equal(losses["bf16"], losses["fp32"])   # autocast really ran in bf16
