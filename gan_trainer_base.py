@@ -429,7 +429,7 @@ class GANTrainerBase(ABC):
         d_real, d_fake = scores[:b].mean(), scores[b:].mean()
         (d_fake - d_real).backward()
         # The penalty needs a double backward, which the fused RNN kernels lack (cuDNN: an error; oneDNN on the
-        # CPU: a slow generic fallback, ~1.3x slower than the native cells here), so it runs on the native
+        # CPU: a generic fallback, 1.4x slower than the native cells at scale 0.125), so it runs on the native
         # LSTM cells. Splitting it into chunks of samples (each chunk's mean weighted by its share) is exact and
         # frees each chunk's graph before the next: that graph is the memory peak of the step.
         eta = torch.rand(b, 1, 1, device=self.device)   # one draw for the whole batch, whatever the chunks
@@ -508,10 +508,10 @@ class GANTrainerBase(ABC):
             out[start:start + len(chunk), :, 3] = soc[:, first - (window - 1):first - (window - 1) + length]
         return out
 
-    def real_segment(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def real_segment(self, idx: np.ndarray, paper: bool = False) -> np.ndarray:
+        """Real windows over the steps of fake_data (paper: steps 0..L-1, the original's mismatch)."""
         length = min(self.args.soc_estimator_step, self.seq_len - self.args.soc_estimator_step)
-        first = 0 if self.args.pca_segment == "paper" else self.seq_len - 1 - length
-        idx = rng.integers(len(self.real_data), size=n)   # with replacement, as the original
+        first = 0 if paper else self.seq_len - 1 - length
         return self.real_data[idx, first:first + length]
 
     def evaluate(self, epoch: int) -> None:
@@ -526,12 +526,14 @@ class GANTrainerBase(ABC):
         eval_seed = (self.seed * 1_000_003 + epoch) % 2 ** 63
         z_gen = torch.Generator(device=self.device).manual_seed(eval_seed)
         fake = self.label(self.generate(self.args.evaluate_sample_size, z_gen))
-        real = self.real_segment(self.args.evaluate_sample_size, np.random.default_rng(eval_seed))
+        idx = np.random.default_rng(eval_seed).integers(len(self.real_data), size=self.args.evaluate_sample_size)
+        real = self.real_segment(idx, paper=self.args.pca_segment == "paper")   # with replacement, as the original
         np.save(tmp / "fake_data.npy", fake)
-        np.save(tmp / "real_data.npy", real[:REAL_SAMPLE_SAVED])
+        np.save(tmp / "real_data.npy", self.real_segment(idx[:REAL_SAMPLE_SAVED]))
         for name, array in metrics.pca_tsne(real, fake, seed=eval_seed % 2 ** 32).items():
             np.save(tmp / f"{name}.npy", array)
-        atomic_json(self.quality(real, fake, eval_seed % 2 ** 32), tmp / "metrics.json")
+        # distinct windows for the metrics: one window on both sides of a post-hoc split would flatter the scores
+        atomic_json(self.quality(self.real_segment(np.unique(idx)), fake, eval_seed % 2 ** 32), tmp / "metrics.json")
         shutil.rmtree(out, ignore_errors=True)   # an evaluation of this epoch from before a crash
         os.replace(tmp, out)
 
