@@ -4,7 +4,7 @@ paper's code ran it) side by side with this project's training path ('fast'), pl
 Prints one JSON line per measurement, then whether both give the same losses for the same seed and batches.
 
     python bench.py --device cuda                     # the paper config: batch 64, 600 steps, -gid 128, scale 1
-    python bench.py --device cuda --batch 512 --impl fast
+    python bench.py --device cuda --batch 512 --impl fast --critic-chunk 128
     python bench.py --device cuda --precision bf16
     python bench.py --device cpu --quick              # a smoke run, under a minute on 2 cores
     python bench.py --device cpu --scale 0.125 --steps 3
@@ -61,8 +61,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (allocator, cuDNN plans)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--impl", choices=["both", "fast", "reference"], default="both")
-    p.add_argument("--penalty-chunk", type=int, default=0,
-                   help="fast path: penalty in chunks of this many samples (0: whole batch); exact, less memory")
+    p.add_argument("--critic-chunk", type=int, default=0,
+                   help="fast path: the critic step's passes in chunks of this many samples (0: whole batch); "
+                        "exact up to rounding, peak memory follows the chunk")
     p.add_argument("--data", choices=["real", "random"], default="real",
                    help="real: windows of data/lg_600_data.npy (random when absent or --seq-len > 600)")
     p.add_argument("--check-steps", type=int, default=3, help="critic steps of the equal-loss check (0: skip)")
@@ -153,7 +154,7 @@ def make_trainer(cfg: argparse.Namespace, workdir: Path) -> TrainLSTMGAN:
             "--model-scale", str(cfg.scale), "-socs", str(soc_window(cfg.seq_len)), "--device", cfg.device,
             "--seed", str(cfg.seed), "--precision", cfg.precision]
     trainer = TrainLSTMGAN(parse_arg(argv), argv)
-    trainer.args.penalty_chunk = cfg.penalty_chunk   # not a training flag (yet): read with getattr by the trainer
+    trainer.args.critic_chunk = cfg.critic_chunk   # not a training flag (yet): the trainer reads it with getattr
     return trainer
 
 

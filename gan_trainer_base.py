@@ -422,23 +422,27 @@ class GANTrainerBase(ABC):
         with torch.no_grad(), autocast:   # the critic's loss needs no generator gradients
             fake = self.G(self.noise(b)).float()
         self.d_optim.zero_grad(set_to_none=True)
+        # args.critic_chunk (0: whole batch) runs the passes below on balanced chunks of samples, each chunk's
+        # means weighted by its share: exact up to rounding, and each chunk's graph is freed before the next, so
+        # the step's peak memory follows the chunk, not the batch. No chunk of a single sample unless b == 1:
+        # torch's CPU InstanceNorm backward is wrong for a batch of one (its grad reshapes to a channels-last view).
+        n_chunks = min(-(-b // (getattr(self.args, "critic_chunk", 0) or b)), max(1, b // 2))
+        parts = [slice(b * i // n_chunks, b * (i + 1) // n_chunks) for i in range(n_chunks)]
+        d_real, d_fake, gp = (torch.zeros((), device=self.device) for _ in range(3))
         # real and fake in one forward and one backward (cuDNN allowed): the critic has no cross-sample coupling
         # (InstanceNorm and LSTMs are per sample), so this equals two separate calls up to rounding
-        with autocast:
-            scores = self.D(torch.cat([real, fake])).float()
-        d_real, d_fake = scores[:b].mean(), scores[b:].mean()
-        (d_fake - d_real).backward()
+        for part in parts:
+            n, share = part.stop - part.start, (part.stop - part.start) / b
+            with autocast:
+                scores = self.D(torch.cat([real[part], fake[part]])).float()
+            d_real_part, d_fake_part = scores[:n].mean() * share, scores[n:].mean() * share
+            (d_fake_part - d_real_part).backward()
+            d_real, d_fake = d_real + d_real_part.detach(), d_fake + d_fake_part.detach()
         # The penalty needs a double backward, which the fused RNN kernels lack (cuDNN: an error; oneDNN on the
         # CPU: a generic fallback, 1.4x slower than the native cells at scale 0.125), so it runs on the native
-        # LSTM cells. Splitting it into chunks of samples (each chunk's mean weighted by its share) is exact and
-        # frees each chunk's graph before the next: that graph is the memory peak of the step.
+        # LSTM cells. Its graph is the memory peak of the step.
         eta = torch.rand(b, 1, 1, device=self.device)   # one draw for the whole batch, whatever the chunks
-        # balanced chunks, none of a single sample unless b == 1: torch's CPU InstanceNorm backward is wrong for a
-        # batch of one (its grad reshapes to a channels-last view), so a 1-sample chunk would change the numbers
-        n_chunks = -(-b // (getattr(self.args, "penalty_chunk", 0) or b))
-        gp = torch.zeros((), device=self.device)
-        for i in range(n_chunks):
-            part = slice(b * i // n_chunks, b * (i + 1) // n_chunks)
+        for part in parts:
             share = (part.stop - part.start) / b
             with torch.backends.cudnn.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False,
                                                                                         allow_tf32=None):

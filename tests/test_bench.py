@@ -43,10 +43,10 @@ def test_labelling_line(tiny):
     assert l["windows"] == 2 * (cfg.seq_len - l["window"] + 1) and l["windows_per_s"] > 0
 
 
-@pytest.mark.parametrize("chunk", [0, 3])   # 3: the penalty of a 16-sample batch in 6 uneven chunks (2 or 3)
+@pytest.mark.parametrize("chunk", [0, 1, 3])   # 3: 6 uneven chunks (2 or 3 samples); 1: clamped to 2
 def test_reference_and_fast_give_the_same_losses(tiny, chunk):
     cfg, trainer, reference = tiny
-    trainer.args.penalty_chunk = chunk
+    trainer.args.critic_chunk = chunk
     check = bench.check_equal_losses(cfg, trainer, reference)
     assert check["equal"], check
     assert len(check["losses_fast"]) == cfg.check_steps + 1
