@@ -107,7 +107,7 @@ def device_name(device: torch.device) -> str:
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    # Linux reports KiB; the high-water mark is process-wide and never goes down, so 'fast' is measured first
+    # Linux reports KiB; process-wide and never goes down: with --impl both it covers both implementations
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_high_water"
 
 
