@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -120,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="fp32: the faithful numerics (TF32 off, also in cuDNN); tf32: TF32 matmuls and cuDNN on "
                         "Ampere+ GPUs; bf16: bfloat16 autocast of the networks (losses and optimizer stay fp32)")
+    p.add_argument("--critic-chunk", type=_non_negative_int, default=0,
+                   help="run each critic step on chunks of this many samples (0: the whole batch); exact up to "
+                        "rounding, bounds the step's peak memory (e.g. -b 512 on one GPU)")
     p.add_argument("--execute-notebook", action="store_true",
                    help="execute result.ipynb headless at the end of training and write result.html")
     return p

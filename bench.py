@@ -152,10 +152,8 @@ def make_trainer(cfg: argparse.Namespace, workdir: Path) -> TrainLSTMGAN:
     argv = ["-d", str(data_path), "-socmp", str(workdir), "-socm", soc_path.name,
             "--results-dir", str(workdir / "results"), "-b", str(cfg.batch), "-gid", str(cfg.gid),
             "--model-scale", str(cfg.scale), "-socs", str(soc_window(cfg.seq_len)), "--device", cfg.device,
-            "--seed", str(cfg.seed), "--precision", cfg.precision]
-    trainer = TrainLSTMGAN(parse_arg(argv), argv)
-    trainer.args.critic_chunk = cfg.critic_chunk   # not a training flag (yet): the trainer reads it with getattr
-    return trainer
+            "--seed", str(cfg.seed), "--precision", cfg.precision, "--critic-chunk", str(cfg.critic_chunk)]
+    return TrainLSTMGAN(parse_arg(argv), argv)
 
 
 # -----------------------------------------------------------------------------

@@ -413,7 +413,7 @@ class GANTrainerBase(ABC):
         return torch.randn(n, self.seq_len, self.args.generator_input_dim, device=self.device, generator=generator)
 
     def critic_step(self) -> torch.Tensor:
-        precision = getattr(self.args, "precision", "fp32")   # runs saved before --precision have none
+        precision = self.args.precision
         # TF32 only when asked: torch's default lets cuDNN RNNs use TF32, which is not the fp32 of the numerics
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=precision == "bf16")
@@ -426,7 +426,7 @@ class GANTrainerBase(ABC):
         # means weighted by its share: exact up to rounding, and each chunk's graph is freed before the next, so
         # the step's peak memory follows the chunk, not the batch. No chunk of a single sample unless b == 1:
         # torch's CPU InstanceNorm backward is wrong for a batch of one (its grad reshapes to a channels-last view).
-        n_chunks = min(-(-b // (getattr(self.args, "critic_chunk", 0) or b)), max(1, b // 2))
+        n_chunks = min(-(-b // (self.args.critic_chunk or b)), max(1, b // 2))
         parts = [slice(b * i // n_chunks, b * (i + 1) // n_chunks) for i in range(n_chunks)]
         d_real, d_fake, gp = (torch.zeros((), device=self.device) for _ in range(3))
         # real and fake in one forward and one backward (cuDNN allowed): the critic has no cross-sample coupling
@@ -458,7 +458,7 @@ class GANTrainerBase(ABC):
         return torch.stack([d_fake - d_real + gp, d_real, d_fake, gp]).detach()
 
     def generator_step(self) -> torch.Tensor:
-        precision = getattr(self.args, "precision", "fp32")
+        precision = self.args.precision
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
         self.D.requires_grad_(False)   # only the generator's gradients are needed
         self.g_optim.zero_grad(set_to_none=True)

@@ -30,6 +30,20 @@ def normalize(x: torch.Tensor, norm: nn.Module, layout: str) -> torch.Tensor:
     return norm(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
 
 
+class InstanceNorm(nn.Module):
+    """The original's nn.InstanceNorm2d(C) (no affine, no running statistics: no state, so state dicts match),
+    written out because torch's CPU kernel returns wrong gradients for a batch of one sample (torch 2.13)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.eps = channels, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [B, C, H, W], statistics per (sample, channel)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        var = x.var(dim=(2, 3), unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
 class Generator(nn.Module):
     """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
     no output activation. Module names match the original so its state dicts load."""
@@ -69,7 +83,7 @@ class Discriminator(nn.Module):
         widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
         for i in range(4):
             setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
-            setattr(self, f"instance_norm_{i + 1}", nn.InstanceNorm2d(widths[i + 1]))
+            setattr(self, f"instance_norm_{i + 1}", InstanceNorm(widths[i + 1]))
             setattr(self, f"relu_{i + 1}", nn.LeakyReLU(0.2))
         self.linear = nn.Linear(widths[4], 1)
         self.dropout = nn.Dropout(dropout)

@@ -112,6 +112,17 @@ def test_paper_layout_reproduces_the_original_reshape_quirk():
     assert not np.allclose(per_feature, expected, atol=1e-3)
 
 
+def test_instance_norm_matches_torch_and_has_right_gradients_for_one_sample():
+    from train_lstm_gan import InstanceNorm
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 1, 7)
+    torch.testing.assert_close(InstanceNorm(5)(x), torch.nn.InstanceNorm2d(5)(x))
+    one = torch.randn(1, 6, 8, dtype=torch.double, requires_grad=True)
+    norm = InstanceNorm(8).double()
+    assert torch.autograd.gradcheck(lambda v: normalize(v, norm, "paper"), (one,))
+    assert torch.autograd.gradgradcheck(lambda v: normalize(v, norm, "channel"), (one,))
+
+
 def test_dropout_really_applies():
     torch.manual_seed(0)
     g = Generator(8, 3, 10, dropout=0.5, scale=0.05).train()
