@@ -203,6 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--init", metavar="MODEL", help="start from the weights of this Keras .h5 (fine-tuning, e.g. the "
+                   "authors' model on your own cells) instead of a random initialisation")
     p.add_argument("--checkpoint", help="default: <out>.ckpt.pt")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--plots-dir", help="default: <out dir>/test_cycles")
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         k = int(len(X) * (1 - args.val_split))  # Keras' validation_split: the last fraction, before shuffling
         print(f"{len(X)} training windows ({k} train, {len(X) - k} validation), device {device}, "
               f"{torch.get_num_threads()} threads", flush=True)
-        model = SOCLSTM().to(device)
+        model = (load_keras_h5(args.init) if args.init else SOCLSTM()).to(device)
         cfg = {key: getattr(args, key) for key in ("lr", "lr_decay", "min_lr", "step_every", "gamma", "epochs",
                                                    "patience", "batch_size", "seed")}
         ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.pt")
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         model.to(device)
         Xte, yte, index, _ = load_test_data(args, scaler)
         side = {"train_files": [it["file"] for it in tr_index], "train_windows": k, "val_windows": len(X) - k,
-                "config": cfg, "epochs_run": ck["epoch"], "best_epoch": ck["best_epoch"],
+                "config": cfg, "init": args.init, "epochs_run": ck["epoch"], "best_epoch": ck["best_epoch"],
                 "best_val_loss": ck["best_val"], "history": ck["history"]}
     pred = predict(model, Xte, device)
     m = metrics(pred, yte, index)

@@ -15,6 +15,15 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an earlier in-process run (e.g. a CLI's --threads) set."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """24 real windows of 40 steps (V, I, T, SOC) cut from data/lg_600_data.npy: real numbers, tiny shapes."""

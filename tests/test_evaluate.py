@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import evaluate
 from test_generate import make_tiny_run
@@ -18,14 +17,6 @@ EVERY_KEY = ("nonfinite_share", "w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "ac
              "phys_soc_rise_while_discharging", "real_phys_v_out_of_limits", "discriminative_score",
              "discriminative_accuracy", "predictive_mae", "predictive_mae_real", "tstr_rmse_soc_pct",
              "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ CPU = torch.device("cpu")
 L = 50   # steps per sequence in these tests: the last 50 of the 600 (as the GAN's evaluation, steps T-L-1..T-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: one thread is faster than two contending ones for these tiny RNNs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sets() -> dict[str, np.ndarray]:
     """Two disjoint random halves of the real training windows, and bad 'synthetic' data made from the second."""

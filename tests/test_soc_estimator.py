@@ -202,8 +202,6 @@ def test_cli_labels_and_fails_cleanly(tmp_path, capsys):
 
 def test_shipped_model_loads_and_is_sane():
     path = ROOT / "soc_models" / "lg_positive_temp_300_steps.h5"
-    if not path.exists():
-        pytest.skip("shipped model not trained yet")
     est = SOCEstimator.load(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["window"] == 300 and est.model.hidden == 256
