@@ -36,7 +36,7 @@ from torch.optim import Adam
 from torch.utils.data import DataLoader
 
 from arg_parser import parse_arg
-from gan_trainer_base import unwrap
+from gan_trainer_base import UserError, unwrap
 from soc_estimator import SOCLSTM, save_keras_h5
 from train_lstm_gan import Discriminator, Generator, TrainLSTMGAN
 
@@ -375,4 +375,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -71,6 +71,18 @@ def resolve_device(name: str, gpus: list[int] | None) -> tuple[torch.device, lis
     return torch.device("cuda", ids[0]), ids
 
 
+def bf16_lstm_supported(device: torch.device) -> bool:
+    """CPU bf16 autocast of an LSTM needs oneDNN's bf16 kernels, which many CPUs lack (it then raises)."""
+    if device.type != "cpu":
+        return True
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.nn.LSTM(3, 4, batch_first=True)(torch.randn(1, 2, 3))
+        return True
+    except RuntimeError:
+        return False
+
+
 def init_distributed(device_name: str) -> tuple[int, int, int]:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. -> (rank, local, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -200,6 +212,9 @@ class GANTrainerBase(ABC):
             self.device_ids = []
         else:
             self.device, self.device_ids = resolve_device(args.device, args.gpus)
+        if args.precision == "bf16" and not bf16_lstm_supported(self.device):
+            raise UserError("--precision bf16: this CPU has no bfloat16 LSTM kernels (oneDNN); use --precision fp32 "
+                            "(bf16 is meant for GPUs)")
         self.batch_size = args.batch_size // self.world
         self.seed = self._shared_seed(args.seed)
 
