@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 
 import lg_dataset
 from soc_estimator import SOCLSTM, SOCModelError, load_keras_h5, save_keras_h5
@@ -55,15 +56,22 @@ def predict(model: SOCLSTM, X: np.ndarray, device: torch.device, batch_size: int
 def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray, cfg: dict,
           ckpt_path: Path, device: torch.device, resume: bool = False, log=print) -> dict:
     """Adam + Huber, early stopping on the validation loss; returns the checkpoint dict (best weights inside).
-    cfg keys: lr, lr_decay, min_lr, step_every, gamma, epochs, patience, batch_size, seed."""
+    cfg keys: lr, lr_decay, min_lr, step_every, gamma, epochs, patience, batch_size, seed, and optionally
+    average_from: from that (1-based) epoch on, also keep the running mean of the end-of-epoch weights (stochastic
+    weight averaging, Izmailov et al. 2018) and let it compete with the epoch's own weights for the best state."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])  # Keras' Adam: betas 0.9/0.999, eps 1e-7
     for g in opt.param_groups:
         g["eps"] = 1e-7
-    ck = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None}
+    ck = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None,
+          "best_source": None}
+    average_from = cfg.get("average_from", 0)
+    avg = AveragedModel(model) if average_from else None
     if resume and ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
+        if avg is not None and saved.get("avg") is not None:
+            avg.load_state_dict(saved["avg"])
         torch.set_rng_state(saved["torch_rng"])
         ck = saved
         log(f"resumed from {ckpt_path} at epoch {ck['epoch']}")
@@ -89,17 +97,28 @@ def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yv
         val = float(F.huber_loss(torch.from_numpy(p), torch.from_numpy(yval)).item()) if len(Xval) else tot / n
         val_rmse = float(np.sqrt(np.mean((p.astype(np.float64) - yval) ** 2)) * 100) if len(Xval) else float("nan")
         ck["epoch"] = ep + 1
-        ck["history"].append({"epoch": ep + 1, "lr": lr, "loss": tot / n, "val_loss": val, "val_rmse_pct": val_rmse,
-                              "seconds": time.time() - t0})
-        if val < ck["best_val"]:
-            ck.update(best_val=val, best_epoch=ep + 1, bad_epochs=0,
-                      best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        entry = {"epoch": ep + 1, "lr": lr, "loss": tot / n, "val_loss": val, "val_rmse_pct": val_rmse}
+        candidates = [(val, model, "epoch")]
+        if avg is not None and ep + 1 >= average_from and len(Xval):
+            avg.update_parameters(model)
+            pa = predict(avg.module, Xval, device)
+            entry["val_loss_avg"] = float(F.huber_loss(torch.from_numpy(pa), torch.from_numpy(yval)).item())
+            entry["val_rmse_avg_pct"] = float(np.sqrt(np.mean((pa.astype(np.float64) - yval) ** 2)) * 100)
+            candidates.append((entry["val_loss_avg"], avg.module, f"mean of epochs {average_from}..{ep + 1}"))
+        entry["seconds"] = time.time() - t0
+        ck["history"].append(entry)
+        best_val, best_model, source = min(candidates, key=lambda c: c[0])
+        if best_val < ck["best_val"]:
+            ck.update(best_val=best_val, best_epoch=ep + 1, bad_epochs=0, best_source=source,
+                      best_state={k: v.detach().cpu().clone() for k, v in best_model.state_dict().items()})
         else:
             ck["bad_epochs"] += 1
-        ck.update(model=model.state_dict(), opt=opt.state_dict(), torch_rng=torch.get_rng_state(), cfg=cfg)
+        ck.update(model=model.state_dict(), opt=opt.state_dict(), torch_rng=torch.get_rng_state(), cfg=cfg,
+                  avg=avg.state_dict() if avg is not None else None)
         atomic_torch_save(ck, ckpt_path)
-        log(f"epoch {ep + 1}: lr {lr:.2e} loss {tot / n:.3e} val_loss {val:.3e} val_rmse {val_rmse:.2f}% "
-            f"({time.time() - t0:.0f} s)")
+        avg_note = f" average {entry['val_rmse_avg_pct']:.2f}%" if "val_rmse_avg_pct" in entry else ""
+        log(f"epoch {ep + 1}: lr {lr:.2e} loss {tot / n:.3e} val_loss {val:.3e} val_rmse {val_rmse:.2f}%{avg_note} "
+            f"({entry['seconds']:.0f} s)")
     if ck["best_state"] is not None:
         model.load_state_dict(ck["best_state"])  # Keras' EarlyStopping(restore_best_weights) equivalent
     return ck
@@ -200,6 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=0.5, help="step decay factor")
     p.add_argument("--epochs", type=int, default=1000)
     p.add_argument("--patience", type=int, default=50)
+    p.add_argument("--average-from", type=int, default=0, metavar="EPOCH",
+                   help="from this epoch on, also keep the running mean of the end-of-epoch weights (stochastic weight "
+                        "averaging) and export it when its validation loss is the best (0: off, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -235,7 +257,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
               f"{torch.get_num_threads()} threads", flush=True)
         model = (load_keras_h5(args.init) if args.init else SOCLSTM()).to(device)
         cfg = {key: getattr(args, key) for key in ("lr", "lr_decay", "min_lr", "step_every", "gamma", "epochs",
-                                                   "patience", "batch_size", "seed")}
+                                                   "patience", "batch_size", "seed", "average_from")}
         ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.pt")
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ck = train(model, X[:k], y[:k], X[k:], y[k:], cfg, ckpt, device, resume=args.resume,
@@ -245,6 +267,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         Xte, yte, index, _ = load_test_data(args, scaler)
         side = {"train_files": [it["file"] for it in tr_index], "train_windows": k, "val_windows": len(X) - k,
                 "config": cfg, "init": args.init, "epochs_run": ck["epoch"], "best_epoch": ck["best_epoch"],
+                "best_source": ck.get("best_source"),
                 "best_val_loss": ck["best_val"], "history": ck["history"]}
     pred = predict(model, Xte, device)
     m = metrics(pred, yte, index)

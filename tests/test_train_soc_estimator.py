@@ -36,14 +36,14 @@ def test_metrics_pool_per_file_and_temperature():
     assert m["overall"]["windows"] == 5 and m["overall"]["mae_pct"] == pytest.approx(1.6)
 
 
-def tiny_run(tmp_path, epochs, resume, name="ck.pt", log=lambda s: None):
+def tiny_run(tmp_path, epochs, resume, name="ck.pt", log=lambda s: None, average_from=0):
     rng = np.random.default_rng(0)
     X = rng.random((24, 12, 3), dtype=np.float32)
     y = X[:, -1, 0].copy()
     torch.manual_seed(0)
     m = SOCLSTM(3, 8)
     cfg = dict(lr=1e-2, lr_decay="cosine", min_lr=1e-4, step_every=2, gamma=0.5, epochs=epochs, patience=50,
-               batch_size=8, seed=0)
+               batch_size=8, seed=0, average_from=average_from)
     ck = ts.train(m, X[:18], y[:18], X[18:], y[18:], cfg, tmp_path / name, torch.device("cpu"), resume, log=log)
     return m, ck
 
@@ -62,6 +62,31 @@ def test_resume_continues_exactly(tmp_path):
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
         assert torch.equal(a, b)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_weight_averaging_is_the_mean_of_end_of_epoch_weights_and_resumes(tmp_path):
+    epoch_states = []
+
+    def keep(line):  # log runs after each epoch's checkpoint is written
+        epoch_states.append(torch.load(tmp_path / "avg.pt", weights_only=False)["model"])
+    m, ck = tiny_run(tmp_path, 4, False, "avg.pt", log=keep, average_from=2)
+    mean = {k: sum(s[k] for s in epoch_states[1:]) / 3 for k in epoch_states[0]}
+    avg = {k[len("module."):]: v for k, v in ck["avg"].items() if k.startswith("module.")}
+    assert ck["avg"]["n_averaged"].item() == 3 and avg.keys() == mean.keys()
+    assert all(torch.allclose(avg[k], mean[k], atol=1e-6) for k in mean)
+    assert [("val_rmse_avg_pct" in h) for h in ck["history"]] == [False, True, True, True]
+    assert ck["best_val"] == min([h["val_loss"] for h in ck["history"]] +
+                                 [h["val_loss_avg"] for h in ck["history"][1:]])
+    assert ck["best_source"] == "epoch" or ck["best_source"].startswith("mean of epochs 2..")
+
+    def kill_after_epoch_3(line):
+        if line.startswith("epoch 3:"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path, 4, False, "avg_part.pt", log=kill_after_epoch_3, average_from=2)
+    _, ck_res = tiny_run(tmp_path, 4, True, "avg_part.pt", average_from=2)
+    assert all(torch.equal(ck_res["avg"][k], v) for k, v in ck["avg"].items())
+    assert ck_res["best_source"] == ck["best_source"] and ck_res["best_epoch"] == ck["best_epoch"]
 
 
 def test_early_stopping_restores_best(tmp_path):
