@@ -53,6 +53,12 @@ def predict(model: SOCLSTM, X: np.ndarray, device: torch.device, batch_size: int
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def val_scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Validation loss (Keras' Huber, delta 1) and RMSE in SOC %."""
+    return (float(F.huber_loss(torch.from_numpy(pred), torch.from_numpy(y)).item()),
+            float(np.sqrt(np.mean((pred.astype(np.float64) - y) ** 2)) * 100))
+
+
 def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray, cfg: dict,
           ckpt_path: Path, device: torch.device, resume: bool = False, log=print) -> dict:
     """Adam + Huber, early stopping on the validation loss; returns the checkpoint dict (best weights inside).
@@ -93,17 +99,13 @@ def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yv
             loss.backward()
             opt.step()
             tot += loss.item() * len(idx)
-        p = predict(model, Xval, device) if len(Xval) else np.zeros(0, np.float32)
-        val = float(F.huber_loss(torch.from_numpy(p), torch.from_numpy(yval)).item()) if len(Xval) else tot / n
-        val_rmse = float(np.sqrt(np.mean((p.astype(np.float64) - yval) ** 2)) * 100) if len(Xval) else float("nan")
+        val, val_rmse = val_scores(predict(model, Xval, device), yval) if len(Xval) else (tot / n, float("nan"))
         ck["epoch"] = ep + 1
         entry = {"epoch": ep + 1, "lr": lr, "loss": tot / n, "val_loss": val, "val_rmse_pct": val_rmse}
         candidates = [(val, model, "epoch")]
         if avg is not None and ep + 1 >= average_from and len(Xval):
             avg.update_parameters(model)
-            pa = predict(avg.module, Xval, device)
-            entry["val_loss_avg"] = float(F.huber_loss(torch.from_numpy(pa), torch.from_numpy(yval)).item())
-            entry["val_rmse_avg_pct"] = float(np.sqrt(np.mean((pa.astype(np.float64) - yval) ** 2)) * 100)
+            entry["val_loss_avg"], entry["val_rmse_avg_pct"] = val_scores(predict(avg.module, Xval, device), yval)
             candidates.append((entry["val_loss_avg"], avg.module, f"mean of epochs {average_from}..{ep + 1}"))
         entry["seconds"] = time.time() - t0
         ck["history"].append(entry)
