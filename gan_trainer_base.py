@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import metrics
 from arg_parser import PAPER_SOC_MODEL, build_parser
+from lean_lstm import unrolled
 from lg_dataset import DataError, LGDataset, load_sidecar
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -227,8 +228,6 @@ class GANTrainerBase(ABC):
             self.device_ids = []
         else:
             self.device, self.device_ids = resolve_device(args.device, args.gpus)
-        if self.device.type == "cpu":
-            cap_heap_growth()
         if args.precision == "bf16" and not bf16_lstm_supported(self.device):
             raise UserError("--precision bf16: this CPU has no bfloat16 LSTM kernels (oneDNN); use --precision fp32 "
                             "(bf16 is meant for GPUs)")
@@ -470,19 +469,16 @@ class GANTrainerBase(ABC):
             d_real_part, d_fake_part = scores[:n].mean() * share, scores[n:].mean() * share
             (d_fake_part - d_real_part).backward()
             d_real, d_fake = d_real + d_real_part.detach(), d_fake + d_fake_part.detach()
-        # The penalty needs a double backward, which the fused RNN kernels lack (cuDNN: an error; oneDNN on the
-        # CPU: a generic fallback, 1.4x slower than the native cells at scale 0.125), so it runs on the native
-        # LSTM cells. Its graph is the memory peak of the step.
+        # The penalty needs a double backward, which the fused RNN kernels lack (cuDNN raises; oneDNN falls back
+        # to a slow generic path) and which torch's native cells make hold one weight-sized gradient per time
+        # step: the critic's LeanLSTMs run unrolled instead (lean_lstm.py). cuDNN stays off for any other RNN.
         eta = torch.rand(b, 1, 1, device=self.device)   # one draw for the whole batch, whatever the chunks
         for part in parts:
             share = (part.stop - part.start) / b
-            with torch.backends.cudnn.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False,
-                                                                                        allow_tf32=None):
-                with autocast:
-                    gp_part = gradient_penalty(self.D, real[part], fake[part],
-                                               self.args.gradient_penalty_lambda_term, self.args.gp_norm,
-                                               eta[part]).float() * share
-                gp_part.backward()
+            with unrolled(self.D), torch.backends.cudnn.flags(enabled=False), autocast:
+                gp_part = gradient_penalty(self.D, real[part], fake[part], self.args.gradient_penalty_lambda_term,
+                                           self.args.gp_norm, eta[part]).float() * share
+            gp_part.backward()
             gp += gp_part.detach()
         if self.world > 1:
             average_gradients(self.D, self.world)

@@ -12,6 +12,7 @@ from torch.optim import Adam
 
 from arg_parser import parse_arg
 from gan_trainer_base import GANTrainerBase, UserError
+from lean_lstm import LeanLSTM
 
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
 CRITIC_WIDTHS = (128, 256, 512, 1024)
@@ -74,7 +75,8 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm + LeakyReLU(0.2);
-    the last time step's features go through Linear(1024, 1). No sigmoid: it scores, it does not classify."""
+    the last time step's features go through Linear(1024, 1). No sigmoid: it scores, it does not classify.
+    Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
 
     def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper"):
         super().__init__()
@@ -82,7 +84,7 @@ class Discriminator(nn.Module):
         self.norm_layout = norm_layout
         widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
         for i in range(4):
-            setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
+            setattr(self, f"lstm_{i + 1}", LeanLSTM(widths[i], widths[i + 1], batch_first=True))
             setattr(self, f"instance_norm_{i + 1}", InstanceNorm(widths[i + 1]))
             setattr(self, f"relu_{i + 1}", nn.LeakyReLU(0.2))
         self.linear = nn.Linear(widths[4], 1)
