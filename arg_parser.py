@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="fp32: the faithful numerics (TF32 off, also in cuDNN); tf32: TF32 matmuls and cuDNN on "
                         "Ampere+ GPUs; bf16: bfloat16 autocast of the networks (losses and optimizer stay fp32)")
-    p.add_argument("--critic-chunk", type=_non_negative_int, default=0,
-                   help="run each critic step on chunks of this many samples (0: the whole batch); exact up to "
-                        "rounding, bounds the step's peak memory (e.g. -b 512 on one GPU)")
+    p.add_argument("--critic-chunk", type=_non_negative_int, default=None,
+                   help="run each critic step on chunks of this many samples (0: the whole batch; default: the "
+                        "largest chunk whose estimated peak fits in half the free memory); exact up to rounding, "
+                        "bounds the step's peak memory (e.g. -b 512 on one GPU)")
     p.add_argument("--execute-notebook", action="store_true",
                    help="execute result.ipynb headless at the end of training and write result.html")
     return p

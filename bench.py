@@ -20,6 +20,7 @@ Both run under the same TF32 flags (--precision fp32: TF32 off, also in cuDNN, w
 """
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
@@ -107,14 +108,43 @@ def device_name(device: torch.device) -> str:
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    # Linux reports KiB; process-wide and never goes down: with --impl both it covers both implementations
+    status = Path("/proc/self/status")
+    if status.is_file():   # Linux: the RSS high-water mark since reset_peak_memory (KiB)
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        return int(hwm.split()[1]) * 1024, "rss_high_water"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_high_water"
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """So that each implementation's peak is its own: on Linux the RSS high-water mark can be reset (to the
+    current RSS); elsewhere the CPU figure stays process-wide."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20   # where glibc's own dynamic threshold ends up on 64-bit Linux
+
+
+def cap_heap_growth(threshold: int = 4 << 20) -> bool:
+    """Have glibc serve blocks >= threshold bytes with mmap, handed back to the system when freed.
+    The reference's penalty (a double backward through oneDNN's LSTM) allocates and frees weight-sized blocks at
+    every time step; on glibc's default heap they fragment (README: Performance). The trainer's lean penalty does
+    not need the cap, and pays a third of its step for it in page faults, so the fast path runs with glibc's
+    usual 32 MB. MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))   # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):                            # not glibc (e.g. musl): nothing to tune
+        return False
+
+
 
 
 def set_precision(precision: str) -> None:
@@ -277,6 +307,8 @@ def measure_training(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: 
                 if impl in errors:
                     continue
                 set_precision(cfg.precision)
+                if device.type == "cpu":   # the reference's oneDNN penalty needs the cap; the fast path does not
+                    cap_heap_growth(4 << 20 if impl == "reference" else GLIBC_MMAP_THRESHOLD_MAX)
                 # the fast path applies --precision itself; the reference runs under the same autocast
                 autocast = torch.autocast(device.type, torch.bfloat16,
                                           enabled=cfg.precision == "bf16" and impl == "reference")
@@ -325,7 +357,8 @@ def measure_labelling(cfg: argparse.Namespace, trainer: TrainLSTMGAN) -> dict:
 def check_equal_losses(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: Reference) -> dict:
     """From the same weights, optimizer state, seed and real batches: `check_steps` critic steps and one generator
     step of each, in fp32 (the numerics both share). The fast path batches the real and fake forwards and runs
-    the penalty on the native LSTM cells (on the CPU the reference uses oneDNN there): rounding differs only."""
+    the penalty on the unrolled LeanLSTMs (the reference: oneDNN on the CPU, native cells on CUDA): rounding
+    differs only."""
     reference.copy_state(trainer)
     sampler = copy.deepcopy(trainer.sampler)   # the reference draws the very batches the fast path draws
     reference.real_batch = lambda: trainer.train_data[sampler.next_indices().to(trainer.device)]

@@ -1,7 +1,6 @@
 """The shared WGAN-GP loop: data, critic and generator steps, gradient penalty, evaluation snapshots,
 checkpoint/resume and the results folder. A subclass supplies the networks and their optimizers."""
 import argparse
-import ctypes
 import csv
 import hashlib
 import json
@@ -85,18 +84,27 @@ def bf16_lstm_supported(device: torch.device) -> bool:
         return False
 
 
-def cap_heap_growth(threshold: int = 4 << 20) -> bool:
-    """Have glibc serve blocks >= threshold bytes with mmap, handed back to the system when freed.
-    The gradient penalty's double backward through nn.LSTM on CPU allocates and frees weight-sized blocks at every
-    time step; glibc's default (a threshold that rises to 32 MB) puts them on the heap, which fragments: one penalty
-    through oneDNN at the paper's scale and batch 4 peaked at 10.4 GB (1.6-2.4 GB with the cap, same numbers), and
-    with the cap memory falls back between --critic-chunk chunks. MALLOC_MMAP_THRESHOLD_ in the environment wins."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
+# Peak bytes of one critic-step chunk per sample x step x critic hidden unit (sum over its LSTMs), the penalty's
+# double backward on the lean path being the larger pass: 147-170 measured on the CPU (RSS), 200 for margin.
+CRITIC_BYTES_PER_UNIT = 200
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the step may use: free GPU memory, or MemAvailable of the machine (Linux) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        return bool(ctypes.CDLL(None).mallopt(-3, threshold))   # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):                            # not glibc (e.g. musl): nothing to tune
-        return False
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 << 30   # not Linux: assume a laptop's 8 GB
+
+
+def auto_critic_chunk(batch: int, seq_len: int, critic_units: int, budget: int) -> int:
+    """The largest chunk whose estimated peak fits in budget bytes (0: the whole batch fits)."""
+    per_sample = CRITIC_BYTES_PER_UNIT * seq_len * critic_units
+    chunk = max(2, budget // per_sample)
+    return 0 if chunk >= batch else int(chunk)
 
 
 def init_distributed(device_name: str) -> tuple[int, int, int]:
@@ -262,6 +270,8 @@ class GANTrainerBase(ABC):
             self.G = nn.DataParallel(self.G, device_ids=self.device_ids)
             self.D = nn.DataParallel(self.D, device_ids=self.device_ids)
         self.g_optim, self.d_optim = self.build_optimizers()
+        if args.critic_chunk is None:
+            self._pick_critic_chunk()
         if self.world > 1:   # ... but each rank its own noise and its own batches
             self._seed_everything(self.seed + self.rank)
         self.sampler = BatchSampler(len(self.train_data), self.batch_size, self.seed + self.rank)
@@ -270,6 +280,20 @@ class GANTrainerBase(ABC):
         self.history = {k: [] for k in LOSS_COLUMNS}
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
+
+    def _pick_critic_chunk(self) -> None:
+        """--critic-chunk not given: the whole batch if its estimated peak fits in half the free memory, else the
+        largest chunk that does (exact up to rounding either way). Said once, recorded in config.json."""
+        units = sum(m.hidden_size for m in unwrap(self.D).modules() if isinstance(m, nn.LSTM))
+        devices = max(1, len(self.device_ids))   # DataParallel splits each chunk over the GPUs
+        budget = free_memory(self.device) * devices // 2
+        chunk = auto_critic_chunk(self.batch_size, self.seq_len, units, budget)
+        self.args.critic_chunk = chunk
+        estimate = CRITIC_BYTES_PER_UNIT * self.seq_len * units * (chunk or self.batch_size) / devices
+        if self.rank == 0:
+            print(f"critic chunk: {chunk or 'whole batch'} of {self.batch_size} samples (estimated peak "
+                  f"{estimate / 2**30:.1f} GiB of {budget * 2 / devices / 2**30:.1f} GiB free on {self.device}; "
+                  f"set --critic-chunk to choose)", flush=True)
 
     def _shared_seed(self, seed: int | None) -> int:
         if seed is None:
@@ -594,6 +618,16 @@ class GANTrainerBase(ABC):
                 atomic_save(unwrap(net).state_dict(), self.run_dir / f"{name}.pth")
                 atomic_json({"loss": losses[f"{key}_loss"], "epoch": epoch}, self.run_dir / f"{name}.json")
 
+    def _project(self, seconds: float, epochs: int) -> None:
+        """After the first epoch: what the whole run will take here, before the user waits days for it."""
+        total = seconds * epochs
+        when = f"{total / 86400:.1f} days" if total >= 86400 else f"{total / 3600:.1f} h"
+        print(f"first epoch: {seconds:.1f} s of training; {epochs} epochs at this pace: {when} "
+              f"(snapshots every -s {self.args.save_epoch_interval} epochs come on top)", flush=True)
+        if total >= 86400 and self.device.type == "cpu":
+            print("note: this is the paper's GPU configuration; on a CPU, --preset cpu trains a smaller "
+                  "network that learns in hours (see README)", flush=True)
+
     def _stop_requested(self, stop: dict) -> bool:
         flag = stop["signal"] is not None
         if self.world > 1:   # any rank's signal stops them all at the same epoch
@@ -626,6 +660,8 @@ class GANTrainerBase(ABC):
                 if lead:
                     self._record(epoch, losses, csv.writer(log_file))
                     log_file.flush()
+                    if epoch == self.start_epoch + 1:
+                        self._project(time.time() - begin, a.gan_epochs - self.start_epoch)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(g_loss=f"{losses['g_loss']:.4f}", d_loss=f"{losses['d_loss']:.4f}")

@@ -370,28 +370,29 @@ def test_ctrl_c_finishes_the_epoch_and_checkpoints_it(tiny_data, soc_model, tmp_
 
 PENALTY_PEAK = """
 import sys, torch
-import gan_trainer_base as g
+import bench
+from gan_trainer_base import gradient_penalty
 from train_lstm_gan import Discriminator
 
 def status_kb(key):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
 torch.set_num_threads(1)
-capped = g.cap_heap_growth(256 << 10) if sys.argv[1] == "cap" else False
+capped = bench.cap_heap_growth(256 << 10) if sys.argv[1] == "cap" else False
 torch.manual_seed(0)
 real, fake, critic = torch.rand(2, 300, 3), torch.rand(2, 300, 3), Discriminator(3, scale=0.25)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")   # resets the peak (VmHWM) to the current RSS: imports do not count
 before = status_kb("VmRSS")
-g.gradient_penalty(critic, real, fake, 10.0).backward()
+gradient_penalty(critic, real, fake, 10.0).backward()
 print(capped, status_kb("VmHWM") - before)   # the penalty's own peak, kB
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_heap_cap_bounds_the_gradient_penalty_memory():
-    """The penalty's double backward through nn.LSTM frees weight-sized blocks at every step; on glibc's default
-    heap they fragment (the paper-scale default run was killed for memory). The cap returns them: the threshold is
-    scaled with the network (0.25 -> 256 kB) so the effect shows at a test's size."""
+    """The reference's penalty (double backward through oneDNN's nn.LSTM) frees weight-sized blocks at every step;
+    on glibc's default heap they fragment. bench.py's cap returns them: the threshold is scaled with the network
+    (0.25 -> 256 kB) so the effect shows at a test's size."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
 
     def peak(mode):
