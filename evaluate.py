@@ -3,6 +3,7 @@
     python evaluate.py -r 1700000000_lstm_gan                 # the latest saved epoch, every metric
     python evaluate.py -r 1700000000_lstm_gan --epoch all --quick
     python evaluate.py -r 1700000000_lstm_gan --epoch 20 --n-samples 200 --epochs 5 --tstr-hidden 32   # CPU
+    python evaluate.py -r 1700000000_lstm_gan --curve        # learning curve of the whole run -> curve.png
 
 Writes into <run>/<N>_epoch/:
     metrics.json            flat {name: number} (merged into an existing file: the trainer's quick metrics)
@@ -14,7 +15,11 @@ The synthetic data are the epoch's fake_data.npy (labelled by the trainer), or -
 reference is the run's training data (or --real) over the same steps as the synthetic data; PCA/t-SNE compare the
 same steps too unless --pca-segment paper (the original: real steps 0..L-1 vs synthetic steps T-L-1..T-2).
 The TSTR/TRTR SOC task tests on --test (the real test cycles). Same --seed, same numbers on CPU.
+--curve draws the losses and every metric of the snapshots' metrics.json against the epoch into <run>/curve.png
+(numbers in curve.json), each with its real-vs-real floor: two disjoint samples of real windows of the snapshots'
+size (-ess), measured as the trainer measures the synthetic ones.
 """
+import csv
 import argparse
 import json
 import os
@@ -223,6 +228,74 @@ def positive(text: str) -> int:
     return value
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# learning curve
+
+def curve_floor(real_all: np.ndarray, config: dict, length: int, n: int, seed: int) -> dict[str, float]:
+    """The quick metrics of real against real: disjoint samples of n windows each, over the synthetic steps."""
+    real = real_segment(real_all, config["seq_len"], length, "aligned")
+    n = min(n, len(real) // 2)
+    idx = np.random.default_rng(seed).permutation(len(real))
+    return metrics.quick_metrics(real[idx[:n]], real[idx[n:2 * n]], config.get("scaler"), seed)
+
+
+def read_losses(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise EvaluateError(f"{path}: no epoch recorded yet; train first")
+    return {name: np.array([float(r[k]) for r in rows[1:]]) for k, name in enumerate(rows[0])}
+
+
+def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> Path:
+    """Losses and snapshot metrics against the epoch, floors dashed; curve.png and curve.json in the run."""
+    losses = read_losses(run_dir / "losses.csv")
+    snapshots = {n: read_json(d / "metrics.json") for n, d in epoch_dirs(run_dir).items()}
+    snapshots = {n: m for n, m in snapshots.items() if m}
+    if not snapshots:
+        raise EvaluateError(f"{run_dir}: no snapshot with metrics.json yet; train past the first -s epoch")
+    keys = sorted({k for m in snapshots.values() for k in m if not k.startswith("real_")})
+    fake = np.load(next(iter(epoch_dirs(run_dir).values())) / "fake_data.npy", mmap_mode="r")
+    floor = curve_floor(real_all, config, fake.shape[1], config["args"]["evaluate_sample_size"], seed)
+    epochs = sorted(snapshots)
+    cols = 4
+    rows = -(-(len(keys) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    ax = axes.flat[0]
+    for name in ("d_loss", "g_loss"):
+        ax.plot(losses["epoch"], losses[name], lw=0.6, label=name)
+    body = np.concatenate([losses["d_loss"], losses["g_loss"]])
+    low, high = np.nanpercentile(body, [1, 99]) if len(body) > 20 else (np.nanmin(body), np.nanmax(body))
+    ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))   # the first epochs' spike aside
+    ax.set_title("losses (1st-99th percentile range)", fontsize=9)
+    ax.legend(fontsize=7)
+    for ax, key in zip(axes.flat[1:], keys):
+        ax.plot(epochs, [snapshots[n].get(key, np.nan) for n in epochs], "o-", ms=3, lw=1, label="synthetic")
+        if key in floor:
+            ax.axhline(floor[key], color="k", ls="--", lw=0.8, label="real vs real")
+        ax.set_title(key, fontsize=9)
+    axes.flat[1].legend(fontsize=7)
+    for ax in axes.flat[len(keys) + 1:]:
+        ax.axis("off")
+    for ax in axes.flat[:len(keys) + 1]:
+        ax.set_xlim(0, max(losses["epoch"][-1], epochs[-1]))
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    fig.suptitle(f"{run_dir.name}: learning curve", fontsize=10)
+    fig.tight_layout()
+    out = run_dir / "curve.png"
+    tmp = run_dir / ".curve.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    write_json(run_dir / "curve.json", {"epochs": epochs, "metrics": {k: [snapshots[n].get(k) for n in epochs]
+                                                                      for k in keys},
+                                        "floor": floor, "floor_seed": seed,
+                                        "floor_windows": min(config["args"]["evaluate_sample_size"],
+                                                             len(real_all) // 2)})
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("-r", "--result-name", required=True, help="run folder name under --results-dir")
@@ -247,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
                    help="aligned: real and synthetic over the same steps; paper: real steps 0..L-1 vs synthetic "
                         "steps T-L-1..T-2, as the original")
+    p.add_argument("--curve", action="store_true",
+                   help="only the learning curve: losses and snapshot metrics against epoch -> <run>/curve.png")
     return p
 
 
@@ -261,6 +336,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     if real_all.shape[1] != config["seq_len"]:
         raise EvaluateError(f"{args.real_path}: windows of {real_all.shape[1]} steps, but the run generates "
                             f"{config['seq_len']}; pass the run's training data with --real")
+    if args.curve:
+        out = plot_curve(run_dir, config, real_all, args.seed)
+        print(f"wrote {out}")
+        return [out]
     if not args.generate:
         missing = [d / "fake_data.npy" for d in epochs.values() if not (d / "fake_data.npy").is_file()]
         if missing:

@@ -1,0 +1,84 @@
+"""What makes the project usable on a CPU: --preset cpu, the automatic critic chunk, the first epoch's projection and
+evaluate.py --curve, on a tiny real run."""
+import json
+
+import numpy as np
+import pytest
+
+import evaluate
+import train_lstm_gan
+from arg_parser import PRESETS, build_parser, parse_arg
+from gan_trainer_base import CRITIC_BYTES_PER_UNIT, auto_critic_chunk
+
+
+def test_preset_cpu_sets_its_defaults_and_typed_flags_win():
+    paper = parse_arg([])
+    assert paper.preset == "paper" and paper.model_scale == 1.0 and paper.batch_size == 64   # the paper's defaults
+    cpu = parse_arg(["--preset", "cpu"])
+    for key, value in PRESETS["cpu"].items():
+        assert getattr(cpu, key) == value, key
+    typed = parse_arg(["--preset", "cpu", "-b", "32", "--model-scale", "0.25", "-dts", "5"])
+    assert (typed.batch_size, typed.model_scale, typed.discriminator_train_steps) == (32, 0.25, 5)
+    assert typed.norm_layout == PRESETS["cpu"]["norm_layout"]
+    assert all(build_parser().get_default(k) != v for k, v in PRESETS["cpu"].items())   # it really changes them
+
+
+def test_auto_critic_chunk_follows_memory():
+    per_sample = CRITIC_BYTES_PER_UNIT * 600 * 1920   # the paper's critic over 600 steps: ~230 MB per sample
+    assert auto_critic_chunk(64, 600, 1920, 64 * per_sample) == 0          # the whole batch fits
+    assert auto_critic_chunk(64, 600, 1920, 11 * 2**30) == 51               # the 24 GB machine: half its memory
+    assert auto_critic_chunk(64, 600, 1920, 8 * per_sample + 1) == 8
+    assert auto_critic_chunk(64, 600, 1920, 0) == 2                         # never a single sample (InstanceNorm)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, soc_model, tmp_path_factory):
+    results = tmp_path_factory.mktemp("cpu") / "results"
+    argv = ["-d", str(tiny_data), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "-socs", "20",
+            "--results-dir", str(results), "--device", "cpu", "--seed", "3", "--preset", "cpu",
+            "--model-scale", "0.0625", "-b", "4", "-gid", "8", "-e", "6", "-s", "2", "-ess", "6"]
+    assert train_lstm_gan.main(argv) == 0
+    [run] = list(results.iterdir())
+    return run
+
+
+def test_preset_run_records_the_chunk_and_projects_the_run(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["args"]["preset"] == "cpu" and config["args"]["norm_layout"] == "channel"
+    assert config["args"]["critic_chunk"] == 0   # picked: 4 tiny samples fit in any memory
+
+
+def test_first_epoch_projection_is_printed(tiny_data, soc_model, tmp_path, capsys):
+    argv = ["-d", str(tiny_data), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "-socs", "20",
+            "--results-dir", str(tmp_path), "--device", "cpu", "--seed", "3", "--model-scale", "0.0625", "-b", "4",
+            "-gid", "8", "-e", "2", "-s", "10", "-ess", "4"]
+    assert train_lstm_gan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "critic chunk: whole batch of 4 samples" in out
+    assert "first epoch: " in out and " s of training; 2 epochs at this pace: " in out
+
+
+def test_curve_draws_every_snapshot_metric_with_its_floor(tiny_run, capsys):
+    assert evaluate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "--curve"]) == 0
+    assert (tiny_run / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = json.loads((tiny_run / "curve.json").read_text())
+    assert curve["epochs"] == [2, 4, 6]
+    snapshot = json.loads((tiny_run / "4_epoch" / "metrics.json").read_text())
+    assert curve["metrics"]["w1_mean"][1] == snapshot["w1_mean"]
+    assert set(curve["metrics"]) == {k for k in snapshot if not k.startswith("real_")}
+    # the floor: real against real at the snapshots' size, far below an almost untrained generator
+    assert curve["floor_windows"] == 6 and np.isfinite(curve["floor"]["w1_mean"])
+    assert curve["floor"]["w1_mean"] < min(curve["metrics"]["w1_mean"])
+    assert not list(tiny_run.glob(".*tmp*"))
+    assert f"wrote {tiny_run / 'curve.png'}" in capsys.readouterr().out
+
+
+def test_curve_without_snapshots_is_one_line(tiny_data, soc_model, tmp_path, capsys):
+    argv = ["-d", str(tiny_data), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "-socs", "20",
+            "--results-dir", str(tmp_path), "--device", "cpu", "--model-scale", "0.0625", "-b", "4", "-gid", "8",
+            "-e", "1", "-s", "5"]
+    assert train_lstm_gan.main(argv) == 0
+    [run] = list(tmp_path.iterdir())
+    assert evaluate.main(["-r", run.name, "--results-dir", str(tmp_path), "--curve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no saved epoch" in err[0]
