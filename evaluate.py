@@ -250,13 +250,16 @@ def read_losses(path: Path) -> dict[str, np.ndarray]:
 def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> Path:
     """Losses and snapshot metrics against the epoch, floors dashed; curve.png and curve.json in the run."""
     losses = read_losses(run_dir / "losses.csv")
-    snapshots = {n: read_json(d / "metrics.json") for n, d in epoch_dirs(run_dir).items()}
-    snapshots = {n: m for n, m in snapshots.items() if m}
+    # every snapshot's metrics.json, also where a shipped run kept only that of its older snapshots
+    found = {int(p.parent.name.split("_")[0]): read_json(p) for p in run_dir.glob("*_epoch/metrics.json")
+             if p.parent.name.split("_")[0].isdigit()}
+    snapshots = {n: found[n] for n in sorted(found) if found[n]}
     if not snapshots:
         raise EvaluateError(f"{run_dir}: no snapshot with metrics.json yet; train past the first -s epoch")
     keys = sorted({k for m in snapshots.values() for k in m if not k.startswith("real_")})
-    fake = np.load(next(iter(epoch_dirs(run_dir).values())) / "fake_data.npy", mmap_mode="r")
-    floor = curve_floor(real_all, config, fake.shape[1], config["args"]["evaluate_sample_size"], seed)
+    window = config["args"]["soc_estimator_step"]
+    length = min(window, config["seq_len"] - window)   # the steps of the snapshots' fake_data.npy
+    floor = curve_floor(real_all, config, length, config["args"]["evaluate_sample_size"], seed)
     epochs = sorted(snapshots)
     cols = 4
     rows = -(-(len(keys) + 1) // cols)
