@@ -74,9 +74,13 @@ def unrolled_lstm(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih:
     outputs = []
     for step in _Steps.apply(projected):
         gates = step if h is None else torch.addmm(step, h, recurrent)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(i) * torch.tanh(g) if c is None else torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        # one sigmoid over all four gates (g's share is wasted) and few ops per step: at small widths the
+        # penalty's cost is the count of autograd nodes, which the double backward multiplies
+        sig = torch.sigmoid(gates)
+        i, f, o = sig[:, :hidden], sig[:, hidden:2 * hidden], sig[:, 3 * hidden:]
+        g = torch.tanh(gates[:, 2 * hidden:3 * hidden])
+        c = i * g if c is None else torch.addcmul(f * c, i, g)
+        h = o * torch.tanh(c)
         outputs.append(h)
     return _Stack.apply(*outputs), (h.unsqueeze(0), c.unsqueeze(0))
 
