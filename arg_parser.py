@@ -1,16 +1,10 @@
 """Command-line flags of train_lstm_gan.py: the paper's flags first, then this project's additions."""
 import argparse
-import sys
+import math
+
+from common import OneLineParser
 
 PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; users asked for one line naming the problem."""
-
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"error: {message} (see python {self.prog} -h)\n")
-        sys.exit(2)
 
 
 # --preset cpu: the same model and loop, sized to learn within hours on a 2-core CPU (chosen by side-by-side probes,
@@ -42,12 +36,20 @@ def _non_negative_int(text: str) -> int:
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
-def _dropout(text: str) -> float:
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    """[0, 1): dropout rates and Adam's betas."""
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
@@ -84,25 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discriminator train steps")
     p.add_argument("-gp", "--gradient-penalty-lambda-term", type=_non_negative_float, default=10.0,
                    help="gradient penalty lambda term")
-    p.add_argument("-gdr", "--generator-dropout", type=_dropout, default=0.0,
+    p.add_argument("-gdr", "--generator-dropout", type=_unit_interval, default=0.0,
                    help="generator dropout rate, applied to the output of every LSTM block but the last "
                         "(the original passed it to single-layer nn.LSTM, which ignores it)")
-    p.add_argument("-glr", "--generator-learning-rate", type=float, default=0.0001,
+    p.add_argument("-glr", "--generator-learning-rate", type=_non_negative_float, default=0.0001,
                    help="generator learning rate")
     p.add_argument("-gwd", "--generator-weight-decay", type=_non_negative_float, default=0.0,
                    help="generator weight decay")
-    p.add_argument("-gab1", "--generator-adam-beta1", type=float, default=0.5, help="generator adam beta1")
-    p.add_argument("-gab2", "--generator-adam-beta2", type=float, default=0.999, help="generator adam beta2")
-    p.add_argument("-ddr", "--discriminator-dropout", type=_dropout, default=0.0,
+    p.add_argument("-gab1", "--generator-adam-beta1", type=_unit_interval, default=0.5, help="generator adam beta1")
+    p.add_argument("-gab2", "--generator-adam-beta2", type=_unit_interval, default=0.999, help="generator adam beta2")
+    p.add_argument("-ddr", "--discriminator-dropout", type=_unit_interval, default=0.0,
                    help="discriminator dropout rate, applied to the output of every LSTM block "
                         "(the original passed it to single-layer nn.LSTM, which ignores it)")
-    p.add_argument("-dlr", "--discriminator-learning-rate", type=float, default=0.0001,
+    p.add_argument("-dlr", "--discriminator-learning-rate", type=_non_negative_float, default=0.0001,
                    help="discriminator learning rate")
     p.add_argument("-dwd", "--discriminator-weight-decay", type=_non_negative_float, default=0.0,
                    help="discriminator weight decay")
-    p.add_argument("-dab1", "--discriminator-adam-beta1", type=float, default=0.5,
+    p.add_argument("-dab1", "--discriminator-adam-beta1", type=_unit_interval, default=0.5,
                    help="discriminator adam beta1")
-    p.add_argument("-dab2", "--discriminator-adam-beta2", type=float, default=0.999,
+    p.add_argument("-dab2", "--discriminator-adam-beta2", type=_unit_interval, default=0.999,
                    help="discriminator adam beta2")
     # The original code spells two long names differently from the paper's table; both are accepted.
     p.add_argument("-ess", "--evaluate-sample-size", "--eval-sample-size", dest="evaluate_sample_size",
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU ids for DataParallel, e.g. 0,1 (default: all visible GPUs)")
     p.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
     p.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
-    p.add_argument("--model-scale", type=float, default=1.0,
+    p.add_argument("--model-scale", type=_positive_float, default=1.0,
                    help="scale every hidden width (1.0 = the paper's network; e.g. 0.125 for a CPU demo)")
     p.add_argument("--norm-layout", choices=["paper", "channel"], default="paper",
                    help="paper: the original reshape(B, C, 1, T) before Batch/InstanceNorm (mixes time and "
@@ -159,6 +161,10 @@ def parse_arg(argv: list[str] | None = None) -> argparse.Namespace:
     if PRESETS[args.preset]:   # the preset's values become the defaults: typed flags still win
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
-    if args.model_scale <= 0:
-        build_parser().error(f"argument --model-scale: must be > 0, got {args.model_scale}")
     return args
+
+
+def merge_saved_args(saved: dict, argv: list[str] | None = None) -> argparse.Namespace:
+    """A run's saved flags with the flags in argv applied (typed as on a fresh start); flags that did not exist
+    when the run was saved get their defaults (argparse sets a default only where the namespace lacks it)."""
+    return build_parser().parse_args(argv, namespace=argparse.Namespace(**saved))

@@ -15,7 +15,8 @@ fake loss back-propagated into the generator, three separate critic forwards (re
 off around the penalty, and one host sync per critic step (the original printed every step's losses). It uses
 the project's Generator/Discriminator (same networks, same numerics) and draws its noise on the device, like the
 fast path, so that the same seed gives the same numbers. On the CPU it runs torch's defaults, as the original
-would: oneDNN LSTM kernels everywhere, the penalty included. 'fast' is TrainLSTMGAN.critic_step/generator_step.
+would: oneDNN LSTM kernels everywhere, the penalty included. 'fast' is WGANGP.critic_step/generator_step
+(gan_trainer_base.py), built in memory: bench.py writes no file.
 Both run under the same TF32 flags (--precision fp32: TF32 off, also in cuDNN, where torch's default allows it).
 """
 import argparse
@@ -27,19 +28,18 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim import Adam
 from torch.utils.data import DataLoader
 
 from arg_parser import parse_arg
-from gan_trainer_base import UserError, unwrap
-from soc_estimator import SOCLSTM, save_keras_h5
-from train_lstm_gan import Discriminator, Generator, TrainLSTMGAN
+from common import cli, resolve_device
+from gan_trainer_base import WGANGP, WGANGPSettings, set_tf32, unwrap
+from soc_estimator import SOCLSTM, SOCEstimator
+from train_lstm_gan import build_critic, build_generator, build_optimizers
 
 ROOT = Path(__file__).resolve().parent
 REAL_DATA = ROOT / "data" / "lg_600_data.npy"
@@ -147,74 +147,59 @@ def cap_heap_growth(threshold: int = 4 << 20) -> bool:
 
 
 
-def set_precision(precision: str) -> None:
-    """What the fast path sets at every step, set here for the reference too: both run the same math."""
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-
-
 # -----------------------------------------------------------------------------
-# the fast path: the project's trainer, built from its own command line on temporary files
+# the fast path: the project's WGANGP, built in memory with the trainer's flags
 
-def write_inputs(cfg: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
-    """A data .npy [n, T, 4] (V, I, T, SOC, scaled) and a random-weight SOC model (.h5) in workdir."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def gan_args(cfg: argparse.Namespace) -> argparse.Namespace:
+    """train_lstm_gan.py's flags for this shape: every other hyperparameter is the paper's default."""
+    return parse_arg(["-b", str(cfg.batch), "-gid", str(cfg.gid), "--model-scale", str(cfg.scale),
+                      "--precision", cfg.precision, "--critic-chunk", str(cfg.critic_chunk), "--seed", str(cfg.seed)])
+
+
+def real_windows(cfg: argparse.Namespace) -> np.ndarray:
+    """[n, T, 3] scaled V, I, T: windows of the shipped data, or uniform noise when absent or T > 600."""
     if cfg.data == "real" and REAL_DATA.is_file() and cfg.seq_len <= 600:
-        windows = np.load(REAL_DATA, mmap_mode="r")
-        data = np.ascontiguousarray(windows[:, :cfg.seq_len], dtype=np.float32)
-    else:
-        n = max(4 * cfg.batch, 256)
-        data = np.random.default_rng(cfg.seed).random((n, cfg.seq_len, 4), dtype=np.float32)
-    data_path = workdir / "data.npy"
-    np.save(data_path, data)
+        return np.ascontiguousarray(np.load(REAL_DATA, mmap_mode="r")[:, :cfg.seq_len, :3], dtype=np.float32)
+    return np.random.default_rng(cfg.seed).random((max(4 * cfg.batch, 256), cfg.seq_len, 3), dtype=np.float32)
+
+
+def make_gan(cfg: argparse.Namespace) -> WGANGP:
+    """The trainer's WGANGP as train_lstm_gan.py builds it for one process (seeded, then networks, optimizers)."""
+    args, (device, _) = gan_args(cfg), resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    soc_path = workdir / "soc.h5"
-    save_keras_h5(SOCLSTM(), soc_path)
-    return data_path, soc_path
+    generator, critic = build_generator(args, cfg.seq_len).to(device), build_critic(args).to(device)
+    g_optim, d_optim = build_optimizers(args, generator, critic)
+    real = torch.from_numpy(real_windows(cfg)).to(device)
+    return WGANGP(generator, critic, g_optim, d_optim, real, cfg.batch, cfg.seed, WGANGPSettings.from_args(args))
 
 
 def soc_window(seq_len: int) -> int:
     return min(300, seq_len // 2)   # the paper's 300 steps, or half of a shorter sequence
 
 
-def make_trainer(cfg: argparse.Namespace, workdir: Path) -> TrainLSTMGAN:
-    data_path, soc_path = write_inputs(cfg, workdir)
-    argv = ["-d", str(data_path), "-socmp", str(workdir), "-socm", soc_path.name,
-            "--results-dir", str(workdir / "results"), "-b", str(cfg.batch), "-gid", str(cfg.gid),
-            "--model-scale", str(cfg.scale), "-socs", str(soc_window(cfg.seq_len)), "--device", cfg.device,
-            "--seed", str(cfg.seed), "--precision", cfg.precision, "--critic-chunk", str(cfg.critic_chunk)]
-    return TrainLSTMGAN(parse_arg(argv), argv)
-
-
 # -----------------------------------------------------------------------------
 # the reference: the original loop
 
 class Reference:
-    """The original WGAN-GP iteration, on copies of the trainer's networks and fresh Adam optimizers."""
+    """The original WGAN-GP iteration, on copies of the WGANGP's networks and fresh Adam optimizers."""
 
-    def __init__(self, trainer: TrainLSTMGAN):
-        a, self.device = trainer.args, trainer.device
-        self.batch_size, self.seq_len, self.gid = a.batch_size, trainer.seq_len, a.generator_input_dim
-        self.lambda_term = a.gradient_penalty_lambda_term
-        self.G = Generator(self.gid, trainer.n_features, self.seq_len, a.generator_dropout, a.model_scale,
-                           a.norm_layout).to(self.device)
-        self.D = Discriminator(trainer.n_features, a.discriminator_dropout, a.model_scale,
-                               a.norm_layout).to(self.device)
-        self.g_optim = Adam(self.G.parameters(), lr=a.generator_learning_rate, weight_decay=a.generator_weight_decay,
-                            betas=(a.generator_adam_beta1, a.generator_adam_beta2))
-        self.d_optim = Adam(self.D.parameters(), lr=a.discriminator_learning_rate,
-                            weight_decay=a.discriminator_weight_decay,
-                            betas=(a.discriminator_adam_beta1, a.discriminator_adam_beta2))
-        self.copy_state(trainer)
-        self.dataset = trainer.train_data.cpu()   # the original kept its dataset on the host
+    def __init__(self, gan: WGANGP, cfg: argparse.Namespace):
+        args, self.device = gan_args(cfg), gan.device
+        self.batch_size, self.seq_len, self.gid = args.batch_size, cfg.seq_len, args.generator_input_dim
+        self.lambda_term = args.gradient_penalty_lambda_term
+        self.G = build_generator(args, self.seq_len).to(self.device)
+        self.D = build_critic(args).to(self.device)
+        self.g_optim, self.d_optim = build_optimizers(args, self.G, self.D)
+        self.copy_state(gan)
+        self.dataset = gan.real.cpu()   # the original kept its dataset on the host
         self.real_batch = self.loader_batch
 
-    def copy_state(self, trainer: TrainLSTMGAN) -> None:
-        """Same weights and optimizer moments as the trainer now (deep copies: nothing is shared)."""
-        self.G.load_state_dict(unwrap(trainer.G).state_dict())
-        self.D.load_state_dict(unwrap(trainer.D).state_dict())
-        self.g_optim.load_state_dict(copy.deepcopy(trainer.g_optim.state_dict()))
-        self.d_optim.load_state_dict(copy.deepcopy(trainer.d_optim.state_dict()))
+    def copy_state(self, gan: WGANGP) -> None:
+        """Same weights and optimizer moments as the WGANGP now (deep copies: nothing is shared)."""
+        self.G.load_state_dict(unwrap(gan.G).state_dict())
+        self.D.load_state_dict(unwrap(gan.D).state_dict())
+        self.g_optim.load_state_dict(copy.deepcopy(gan.g_optim.state_dict()))
+        self.d_optim.load_state_dict(copy.deepcopy(gan.d_optim.state_dict()))
 
     def loader_batch(self) -> torch.Tensor:
         # defect 2: a new loader iterator (and a new shuffle of the whole dataset) at every critic step
@@ -290,23 +275,23 @@ def line(cfg: argparse.Namespace, device: torch.device, measure: str, impl: str,
             **extra}
 
 
-def measure_training(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: Reference | None) -> list[dict]:
+def measure_training(cfg: argparse.Namespace, gan: WGANGP, reference: Reference | None) -> list[dict]:
     """Critic and generator iterations. The two implementations alternate step by step, so that a busy machine
     slows both alike; on a GPU each call's peak memory is its own (both sets of weights stay resident, ~0.3 GB
     at scale 1), on the CPU the RSS high-water mark is process-wide. An out-of-memory step is reported."""
-    impls = {"fast": (trainer.critic_step, trainer.generator_step)}
+    impls = {"fast": (gan.critic_step, gan.generator_step)}
     if reference is not None:
         impls["reference"] = (reference.critic_step, reference.generator_step)
     if cfg.impl != "both":
         impls = {cfg.impl: impls[cfg.impl]}
-    device, lines = trainer.device, []
+    device, lines = gan.device, []
     for k, measure in enumerate(("critic_step", "generator_step")):
         seconds, memory, errors = {i: [] for i in impls}, {i: 0 for i in impls}, {}
         for rep in range(cfg.warmup + cfg.steps):
             for impl, fns in impls.items():
                 if impl in errors:
                     continue
-                set_precision(cfg.precision)
+                set_tf32(cfg.precision)
                 if device.type == "cpu":   # the reference's oneDNN penalty needs the cap; the fast path does not
                     cap_heap_growth(4 << 20 if impl == "reference" else GLIBC_MMAP_THRESHOLD_MAX)
                 # the fast path applies --precision itself; the reference runs under the same autocast
@@ -338,44 +323,51 @@ def measure_training(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: 
     return lines
 
 
-def measure_labelling(cfg: argparse.Namespace, trainer: TrainLSTMGAN) -> dict:
+def random_soc_estimator(cfg: argparse.Namespace) -> SOCEstimator:
+    """The paper's SOC network with random weights: labelling costs the same whatever the weights."""
+    device, _ = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    return SOCEstimator(SOCLSTM().to(device).eval(), Path("random weights"), device, "torch")
+
+
+def measure_labelling(cfg: argparse.Namespace, soc: SOCEstimator) -> dict:
     """SOCEstimator.label throughput over random scaled sequences (the evaluation's labelling step)."""
     window = soc_window(cfg.seq_len)
     sequences = np.random.default_rng(cfg.seed).random((cfg.label_seqs, cfg.seq_len, 3), dtype=np.float32)
     windows = cfg.label_seqs * (cfg.seq_len - window + 1)
     if cfg.warmup:   # on a few sequences: the full set can take minutes where it is slow
-        trainer.soc.label(sequences[:8], window=window)
-    seconds, *memory = timed(lambda: trainer.soc.label(sequences, window=window), max(1, cfg.steps // 2), 0,
-                             trainer.device)
+        soc.label(sequences[:8], window=window)
+    seconds, *memory = timed(lambda: soc.label(sequences, window=window), max(1, cfg.steps // 2), 0,
+                             soc.device)
     per_s = windows / statistics.median(seconds)
     # the trainer labels -ess sequences of 600 steps with 300-step windows (301 windows each)
-    return line(cfg, trainer.device, "soc_label", "fast", seconds, memory, sequences=cfg.label_seqs,
+    return line(cfg, soc.device, "soc_label", "fast", seconds, memory, sequences=cfg.label_seqs,
                 window=window, windows=windows, windows_per_s=round(per_s, 1),
                 projected_seconds_ess4000=round(4000 * 301 / per_s, 2))
 
 
-def check_equal_losses(cfg: argparse.Namespace, trainer: TrainLSTMGAN, reference: Reference) -> dict:
+def check_equal_losses(cfg: argparse.Namespace, gan: WGANGP, reference: Reference) -> dict:
     """From the same weights, optimizer state, seed and real batches: `check_steps` critic steps and one generator
     step of each, in fp32 (the numerics both share). The fast path batches the real and fake forwards and runs
     the penalty on the unrolled LeanLSTMs (the reference: oneDNN on the CPU, native cells on CUDA): rounding
     differs only."""
-    reference.copy_state(trainer)
-    sampler = copy.deepcopy(trainer.sampler)   # the reference draws the very batches the fast path draws
-    reference.real_batch = lambda: trainer.train_data[sampler.next_indices().to(trainer.device)]
-    precision, trainer.args.precision = trainer.args.precision, "fp32"
+    reference.copy_state(gan)
+    sampler = copy.deepcopy(gan.sampler)   # the reference draws the very batches the fast path draws
+    reference.real_batch = lambda: gan.real[sampler.next_indices().to(gan.device)]
+    precision, gan.settings.precision = gan.settings.precision, "fp32"
     try:
-        set_precision("fp32")
+        set_tf32("fp32")
         torch.manual_seed(cfg.seed)
-        fast = [trainer.critic_step().tolist() for _ in range(cfg.check_steps)]
-        fast.append([trainer.generator_step().item()])
-        set_precision("fp32")
+        fast = [gan.critic_step().tolist() for _ in range(cfg.check_steps)]
+        fast.append([gan.generator_step().item()])
+        set_tf32("fp32")
         torch.manual_seed(cfg.seed)
         ref = [reference.critic_step() for _ in range(cfg.check_steps)] + [[reference.generator_step()]]
     finally:
-        trainer.args.precision, reference.real_batch = precision, reference.loader_batch
+        gan.settings.precision, reference.real_batch = precision, reference.loader_batch
     fast_flat, ref_flat = np.array(sum(fast, [])), np.array(sum(ref, []))
     diff = np.abs(fast_flat - ref_flat)
-    return {"measure": "equal_losses", "precision": "fp32", "device": str(trainer.device),
+    return {"measure": "equal_losses", "precision": "fp32", "device": str(gan.device),
             "critic_steps": cfg.check_steps, "columns": "[d_loss, d_real, d_fake, gp] per critic step, [g_loss]",
             "losses_fast": fast, "losses_reference": ref, "max_abs_diff": float(diff.max()),
             "max_rel_diff": float((diff / np.maximum(np.abs(ref_flat), LOSS_ATOL)).max()),
@@ -389,27 +381,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        trainer = make_trainer(cfg, Path(tmp))
-        reference = Reference(trainer) if cfg.impl != "fast" else None
-        trainer.G.train()
-        trainer.D.train()
-        for result in measure_training(cfg, trainer, reference):
-            results.append(result)
-            print(json.dumps(result), flush=True)
-        if cfg.label_seqs:
-            results.append(measure_labelling(cfg, trainer))
-            print(json.dumps(results[-1]), flush=True)
-        if reference is not None and cfg.check_steps:
-            results.append(check_equal_losses(cfg, trainer, reference))
-            print(json.dumps(results[-1]), flush=True)
+    gan = make_gan(cfg)
+    reference = Reference(gan, cfg) if cfg.impl != "fast" else None
+    results = measure_training(cfg, gan, reference)
+    for result in results:
+        print(json.dumps(result), flush=True)
+    if cfg.label_seqs:
+        results.append(measure_labelling(cfg, random_soc_estimator(cfg)))
+        print(json.dumps(results[-1]), flush=True)
+    if reference is not None and cfg.check_steps:
+        results.append(check_equal_losses(cfg, gan, reference))
+        print(json.dumps(results[-1]), flush=True)
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli(lambda: main(sys.argv[1:])))

@@ -22,7 +22,6 @@ size (-ess), measured as the trainer measures the synthetic ones.
 import csv
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,16 +33,14 @@ import numpy as np
 import torch
 
 import metrics
-from generate import GenerateError, OneLineParser, epoch_dirs, open_run, resolve_device, synthesize
+from common import OneLineParser, UserError, atomic_json, atomic_write, cli, resolve_device
+from generate import real_steps, synthesize
+from run_dir import RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TEST_DATA = "data/lg_test_300_data.npy"
 LABELS = ("voltage [V]", "current [A]", "temperature [degC]", "SOC [-]")
 N_SHOWN = 4   # example sequences per set in sequences.png
-
-
-class EvaluateError(GenerateError):
-    """Bad input: one line `error: ...`, exit code 2, nothing written."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,26 +51,20 @@ def find_file(path: str | Path, what: str, flag: str) -> Path:
     for p in (Path(path), PROJECT_DIR / path):
         if p.is_file():
             return p
-    raise EvaluateError(f"{path}: {what} not found; pass it with {flag}")
+    raise UserError(f"{path}: {what} not found; pass it with {flag}")
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
     except Exception as err:   # any unreadable file
-        raise EvaluateError(f"{path}: unreadable {what} ({type(err).__name__}); rebuild it") from None
+        raise UserError(f"{path}: unreadable {what} ({type(err).__name__}); rebuild it") from None
     if x.ndim != 3 or x.shape[2] < 4:
-        raise EvaluateError(f"{path}: {what} must be an [n, steps, >=4] array (V, I, T, SOC), got shape {x.shape}")
+        raise UserError(f"{path}: {what} must be an [n, steps, >=4] array (V, I, T, SOC), got shape {x.shape}")
     if not np.isfinite(x).all():   # for fake_data.npy: the generator diverged at this epoch
-        raise EvaluateError(f"{path}: {what} holds NaN/inf; nothing to plot (the trainer's metrics.json "
+        raise UserError(f"{path}: {what} holds NaN/inf; nothing to plot (the trainer's metrics.json "
                             f"reports nonfinite_share)")
     return x[..., :4].astype(np.float32)
-
-
-def real_segment(real: np.ndarray, seq_len: int, length: int, segment: str) -> np.ndarray:
-    """The real windows' steps that match the synthetic data (T-L-1..T-2), or 'paper': steps 0..L-1."""
-    first = 0 if segment == "paper" else seq_len - 1 - length
-    return real[:, first:first + length]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,11 +80,11 @@ def physical(x: np.ndarray, scaler: dict | None) -> np.ndarray:
 
 
 def save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_embedding(real: np.ndarray, fake: np.ndarray, title: str, path: Path) -> None:
@@ -156,8 +147,8 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
         fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, args.seed, device)
     else:
         fake = load_array(epoch_dir / "fake_data.npy", "synthetic data")
-    length = fake.shape[1]
-    real = real_segment(real_all, config["seq_len"], length, "aligned")
+    length, window = fake.shape[1], config["args"]["soc_estimator_step"]
+    real = real_steps(real_all, config["seq_len"], window, "aligned")
 
     if args.quick:
         values = metrics.quick_metrics(real, fake, scaler, args.seed)
@@ -172,7 +163,7 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     rng = np.random.default_rng(args.seed)
     n = min(len(fake), len(real_all), args.n_samples)
     fake_s = metrics.subsample(fake, n, rng)
-    real_s = metrics.subsample(real_segment(real_all, config["seq_len"], length, args.pca_segment), n, rng)
+    real_s = metrics.subsample(real_steps(real_all, config["seq_len"], window, args.pca_segment), n, rng)
     emb = metrics.pca_tsne(real_s, fake_s, seed=args.seed)
     segment = "same steps" if args.pca_segment == "aligned" else "paper: real steps 0..L-1"
     plot_embedding(emb["pca_real"], emb["pca_fake"], f"PCA, epoch {epoch} ({segment})", epoch_dir / "pca.png")
@@ -181,8 +172,8 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     plot_marginals(metrics.subsample(real, args.n_samples, rng), fake_s, scaler, epoch_dir / "marginals.png")
     plot_acf(metrics.subsample(real, args.n_samples, rng), fake_s, epoch_dir / "acf.png")
 
-    write_json(epoch_dir / "metrics.json", {**read_json(epoch_dir / "metrics.json"), **values})
-    write_json(epoch_dir / "metrics_settings.json", {
+    atomic_json(epoch_dir / "metrics.json", {**read_json(epoch_dir / "metrics.json"), **values})
+    atomic_json(epoch_dir / "metrics_settings.json", {
         "epoch": epoch, "seed": args.seed, "device": str(device), "quick": args.quick,
         "fake": f"--generate {args.generate}" if args.generate else str(epoch_dir / "fake_data.npy"),
         "n_fake": len(fake), "n_real": len(real_all), "steps": length,
@@ -202,12 +193,6 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,9 +216,9 @@ def positive(text: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # learning curve
 
-def curve_floor(real_all: np.ndarray, config: dict, length: int, n: int, seed: int) -> dict[str, float]:
+def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int) -> dict[str, float]:
     """The quick metrics of real against real: disjoint samples of n windows each, over the synthetic steps."""
-    real = real_segment(real_all, config["seq_len"], length, "aligned")
+    real = real_steps(real_all, config["seq_len"], config["args"]["soc_estimator_step"], "aligned")
     n = min(n, len(real) // 2)
     idx = np.random.default_rng(seed).permutation(len(real))
     return metrics.quick_metrics(real[idx[:n]], real[idx[n:2 * n]], config.get("scaler"), seed)
@@ -243,7 +228,7 @@ def read_losses(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2:
-        raise EvaluateError(f"{path}: no epoch recorded yet; train first")
+        raise UserError(f"{path}: no epoch recorded yet; train first")
     return {name: np.array([float(r[k]) for r in rows[1:]]) for k, name in enumerate(rows[0])}
 
 
@@ -255,11 +240,9 @@ def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> 
              if p.parent.name.split("_")[0].isdigit()}
     snapshots = {n: found[n] for n in sorted(found) if found[n]}
     if not snapshots:
-        raise EvaluateError(f"{run_dir}: no snapshot with metrics.json yet; train past the first -s epoch")
+        raise UserError(f"{run_dir}: no snapshot with metrics.json yet; train past the first -s epoch")
     keys = sorted({k for m in snapshots.values() for k in m if not k.startswith("real_")})
-    window = config["args"]["soc_estimator_step"]
-    length = min(window, config["seq_len"] - window)   # the steps of the snapshots' fake_data.npy
-    floor = curve_floor(real_all, config, length, config["args"]["evaluate_sample_size"], seed)
+    floor = curve_floor(real_all, config, config["args"]["evaluate_sample_size"], seed)
     epochs = sorted(snapshots)
     cols = 4
     rows = -(-(len(keys) + 1) // cols)
@@ -287,11 +270,8 @@ def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> 
     fig.suptitle(f"{run_dir.name}: learning curve", fontsize=10)
     fig.tight_layout()
     out = run_dir / "curve.png"
-    tmp = run_dir / ".curve.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    write_json(run_dir / "curve.json", {"epochs": epochs, "metrics": {k: [snapshots[n].get(k) for n in epochs]
+    save_figure(fig, out)
+    atomic_json(run_dir / "curve.json", {"epochs": epochs, "metrics": {k: [snapshots[n].get(k) for n in epochs]
                                                                       for k in keys},
                                         "floor": floor, "floor_seed": seed,
                                         "floor_windows": min(config["args"]["evaluate_sample_size"],
@@ -330,14 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list[Path]:
     # every input is checked before the first file is written
-    device = resolve_device(args.device)
-    epoch = None if args.epoch == "all" else args.epoch
-    run_dir, config, latest, latest_dir = open_run(args.results_dir, args.result_name, epoch)
-    epochs = epoch_dirs(run_dir) if args.epoch == "all" else {latest: latest_dir}
+    device, _ = resolve_device(args.device)
+    run = RunDir.open(args.results_dir, args.result_name)
+    run_dir, config = run.path, run.read_config()
+    latest, latest_dir = run.epoch(None if args.epoch == "all" else args.epoch)
+    epochs = run.epochs() if args.epoch == "all" else {latest: latest_dir}
     args.real_path = find_file(args.real or config["data_path"], "real data", "--real")
     real_all = load_array(args.real_path, "real data")
     if real_all.shape[1] != config["seq_len"]:
-        raise EvaluateError(f"{args.real_path}: windows of {real_all.shape[1]} steps, but the run generates "
+        raise UserError(f"{args.real_path}: windows of {real_all.shape[1]} steps, but the run generates "
                             f"{config['seq_len']}; pass the run's training data with --real")
     if args.curve:
         out = plot_curve(run_dir, config, real_all, args.seed)
@@ -346,7 +327,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if not args.generate:
         missing = [d / "fake_data.npy" for d in epochs.values() if not (d / "fake_data.npy").is_file()]
         if missing:
-            raise EvaluateError(f"{missing[0]}: missing; the epoch folder is incomplete (evaluate fresh sequences "
+            raise UserError(f"{missing[0]}: missing; the epoch folder is incomplete (evaluate fresh sequences "
                                 f"with --generate N)")
     test = None
     if not args.quick:
@@ -363,12 +344,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except GenerateError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+from common import OneLineParser, UserError, atomic_npy, atomic_write, cli
 
 log = logging.getLogger("lg_dataset")
 
@@ -41,7 +42,7 @@ LICENSE = "CC BY 4.0"
 DOWNLOAD_HINT = "download it from Mendeley Data (doi:10.17632/cp3473x7xv.3)"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """One-line, user-facing: names the file, the problem and the fix."""
 
 
@@ -434,19 +435,10 @@ def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, re
     return windows, meta
 
 
-def write_atomic(out: Path, windows: np.ndarray, meta: dict) -> None:
-    """.npy and its sidecar via temporary files + rename, so a failure never leaves partial output."""
-    side = sidecar_path(out)
-    tmp_npy, tmp_json = out.with_name(out.name + ".tmp"), side.with_name(side.name + ".tmp")
-    try:
-        with open(tmp_npy, "wb") as f:
-            np.save(f, windows)
-        tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp_npy, out)
-        os.replace(tmp_json, side)
-    finally:
-        for t in (tmp_npy, tmp_json):
-            t.unlink(missing_ok=True)
+def write_outputs(out: Path, windows: np.ndarray, meta: dict) -> None:
+    """The .npy, then its sidecar, each written atomically: a failure never leaves partial output."""
+    atomic_npy(out, windows)
+    atomic_write(sidecar_path(out), json.dumps(meta, indent=1) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -527,7 +519,7 @@ def plot_discharges(raw_dir: Path, entries: list[str], out: Path) -> None:
 # CLI
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Build LG 18650HG2 windows [n, seq_len, 4] (V, I, T, SOC) + sidecar.")
+    p = OneLineParser(prog="lg_dataset.py", description="Build LG 18650HG2 windows [n, seq_len, 4] (V, I, T, SOC) + sidecar.")
     p.add_argument("--raw-dir", required=True, help="folder holding 0degC/ 10degC/ 25degC/ with <name>.csv "
                    "(original Digatron export) or <name>.parquet (measurement table)")
     p.add_argument("--out", required=True, help="output .npy (sidecar <stem>.json next to it); .png with --plot")
@@ -549,6 +541,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def read_scaler(path: Path) -> dict:
+    """The 'scaler' of a sidecar .json: {"min": [V, I, T], "max": [V, I, T]} with min < max everywhere."""
+    try:
+        scaler = json.loads(path.read_text()).get("scaler")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        scaler = None
+    try:
+        lo, hi = np.asarray(scaler["min"], dtype=float), np.asarray(scaler["max"], dtype=float)
+        valid = lo.shape == hi.shape == (3,) and np.isfinite(lo).all() and np.isfinite(hi).all()
+    except (TypeError, KeyError, IndexError, ValueError):
+        valid = False
+    if not valid:
+        raise DataError(f"{path}: no sidecar with a valid 'scaler' entry (min and max of V, I, T); pass the .json "
+                        f"written next to the training .npy")
+    if not (hi > lo).all():
+        raise DataError(f"{path}: the scaler's max equals (or is below) its min for some feature, which would "
+                        f"scale to NaN; fit the scaler on data where V, I and T vary")
+    return scaler
+
+
 def run(args: argparse.Namespace) -> None:
     raw_dir, out = Path(args.raw_dir), Path(args.out)
     if not out.parent.is_dir():  # fail before reading anything
@@ -562,18 +574,14 @@ def run(args: argparse.Namespace) -> None:
         entries = [e for e in entries if e.split("/")[0] in args.temps]
     scaler, scaler_files = None, None
     if args.scaler_from:
-        side = json.loads(Path(args.scaler_from).read_text()) if Path(args.scaler_from).is_file() else None
-        if side is None or "scaler" not in side:
-            raise DataError(f"{args.scaler_from}: no sidecar with a 'scaler' entry; pass the .json written "
-                            f"next to the training .npy")
-        scaler = side["scaler"]
+        scaler = read_scaler(Path(args.scaler_from))
     elif args.split == "test":
         scaler_files = file_list("train", args.temps)
     windows, meta = build(raw_dir, entries, args.seq_len, args.stride, required=(args.split == "train"),
                           scaler=scaler, scaler_files=scaler_files)
     meta = {"split": args.split} | meta
     meta["command"] = "python lg_dataset.py " + " ".join(argv_for_sidecar(args))
-    write_atomic(out, windows, meta)
+    write_outputs(out, windows, meta)
     mb = windows.nbytes / 1e6
     log.info("wrote %s: %d windows x %d steps x %d (%.1f MB) from %d files; rows %s; windows %s", out,
              *windows.shape, mb, len(meta["files"]), meta["rows_per_temp"], meta["windows_per_temp"])
@@ -594,12 +602,7 @@ def argv_for_sidecar(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(lambda: run(args))
 
 
 if __name__ == "__main__":

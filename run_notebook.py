@@ -5,11 +5,9 @@
 The trainer copies visualize_lstm_gan.ipynb into every run folder as result.ipynb and calls
 execute_notebook() for its --execute-notebook flag.
 """
-import argparse
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,29 +16,18 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 from nbconvert import HTMLExporter
 
+from common import OneLineParser, UserError, atomic_write, cli
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-class NotebookError(RuntimeError):
+class NotebookError(UserError):
     """The notebook could not be executed; the message is a single line."""
 
 
 def one_line(text: object) -> str:
     # tracebacks from the kernel carry colour codes and newlines; errors here must fit on one line
     return " ".join(ANSI.sub("", str(text)).split())
-
-
-def atomic_write(path: Path, text: str) -> None:
-    # temp file in the same folder + os.replace: a reader never sees a half-written file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def failed_cell(nb: nbformat.NotebookNode) -> tuple[int | None, dict | None]:
@@ -57,9 +44,9 @@ def execute_notebook(result_dir: str | Path, notebook: str = "result.ipynb", tim
     result_dir = Path(result_dir)
     nb_path = result_dir / notebook
     if not result_dir.is_dir():
-        raise FileNotFoundError(f"no such run folder: {result_dir}")
+        raise NotebookError(f"no such run folder: {result_dir}; pass a folder under results/")
     if not nb_path.is_file():
-        raise FileNotFoundError(f"no notebook {notebook} in {result_dir}")
+        raise NotebookError(f"no notebook {notebook} in {result_dir}; pass --notebook")
     try:
         with warnings.catch_warnings():  # hand-written notebooks without cell ids warn; harmless here
             warnings.simplefilter("ignore")
@@ -96,18 +83,19 @@ def execute_notebook(result_dir: str | Path, notebook: str = "result.ipynb", tim
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Execute a run folder's result notebook and write result.html.")
+    parser = OneLineParser(prog="run_notebook.py",
+                           description="Execute a run folder's result notebook and write result.html.")
     parser.add_argument("result_dir", help="results/<unix time>_lstm_gan")
     parser.add_argument("--notebook", default="result.ipynb", help="notebook file inside the run folder")
     parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     args = parser.parse_args(argv)
-    try:
-        html_path = execute_notebook(args.result_dir, args.notebook, args.timeout)
-    except (NotebookError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(html_path)
-    return 0
+
+    def run() -> None:
+        try:
+            print(execute_notebook(args.result_dir, args.notebook, args.timeout))
+        except OSError as err:   # e.g. a read-only run folder
+            raise NotebookError(one_line(err)) from None
+    return cli(run)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,8 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import OneLineParser, UserError, atomic_npy, atomic_write, cli
 
-class SOCModelError(ValueError):
+
+class SOCModelError(UserError):
     """One-line, user-facing: names the file, the problem and the fix."""
 
 
@@ -268,9 +268,8 @@ def save_keras_h5(model: SOCLSTM, path: str | Path) -> None:
     for name, key in (("dense", "dense1"), ("dense_1", "dense2"), ("dense_2", "dense3")):
         layers.append((name, [("kernel", sd[f"{key}.weight"].T), ("bias", sd[f"{key}.bias"])]))
     fixed = lambda xs: np.array([x.encode() for x in xs])  # fixed-length bytes, as Keras 2 wrote them
-    fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["keras_version"] = "2.15.0".encode()
             f.attrs["backend"] = "tensorflow".encode()
@@ -285,10 +284,7 @@ def save_keras_h5(model: SOCLSTM, path: str | Path) -> None:
                 lg.attrs["weight_names"] = fixed(full)
                 for n, (_, a) in zip(full, ws):
                     lg.create_dataset(n, data=np.ascontiguousarray(a, np.float32))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
@@ -396,41 +392,63 @@ def bench(est: SOCEstimator, n: int, steps: int, window: int, batch_size: int) -
             "threads": torch.get_num_threads()}
 
 
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def read_sequences(path: str) -> np.ndarray:
+    """A .npy array, read without pickle (a pickled file could run code)."""
+    if not path.endswith(".npy"):
+        raise SOCModelError(f"{path}: not a .npy file; save the sequences with numpy.save as [n, T, >=3]")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise SOCModelError(f"{path}: missing, damaged or not a plain numeric .npy array; save the sequences "
+                            f"with numpy.save as float [n, T, >=3]") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Label scaled V,I,T sequences with the LSTM SOC estimator.")
+    p = OneLineParser(prog="soc_estimator.py", description="Label scaled V,I,T sequences with the LSTM SOC estimator.")
     p.add_argument("--model", default="soc_models/lg_positive_temp_300_steps.h5")
     p.add_argument("--input", help=".npy float [n, T, >=3]: columns 0..2 = scaled V, I, T")
     p.add_argument("--output", help=".npy to write: float32 [n, T - window + 1] SOC in [0, 1]")
-    p.add_argument("--window", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--window", type=_count(1), default=300)
+    p.add_argument("--batch-size", type=_count(1), default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["torch", "keras"], default="torch")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--bench", type=int, default=0, metavar="N",
+    p.add_argument("--threads", type=_count(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--bench", type=_count(0), default=0, metavar="N",
                    help="instead of labelling, time N random sequences of --bench-steps steps")
-    p.add_argument("--bench-steps", type=int, default=600)
+    p.add_argument("--bench-steps", type=_count(1), default=600)
     a = p.parse_args(argv)
-    try:
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        est = SOCEstimator.load(a.model, a.device, a.backend)
-        if a.bench:
-            print(json.dumps(bench(est, a.bench, a.bench_steps, a.window, a.batch_size)))
-            return 0
-        if not a.input or not a.output:
-            raise SOCModelError("--input and --output are required (or --bench N)")
-        try:
-            seq = np.load(a.input)
-        except (OSError, ValueError) as e:
-            raise SOCModelError(f"{a.input}: cannot read as .npy ({e})") from None
-        if seq.ndim == 3 and seq.shape[2] > est.n_features:
-            seq = seq[..., :est.n_features]  # e.g. [n, T, 4] V, I, T, SOC data: label from V, I, T
-        np.save(a.output, est.label(seq, a.window, a.batch_size, progress=True))
-        print(f"wrote {a.output}")
-        return 0
-    except SOCModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli(lambda: label_command(a))
+
+
+def label_command(a: argparse.Namespace) -> None:
+    if not a.bench and (not a.input or not a.output):
+        raise SOCModelError("--input and --output are required (or --bench N)")
+    out = None
+    if not a.bench:   # every input checked before the model runs
+        out = Path(a.output if a.output.endswith(".npy") else a.output + ".npy")
+        if not out.parent.is_dir():
+            raise SOCModelError(f"{out.parent}: output folder does not exist; create it first")
+        seq = read_sequences(a.input)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    est = SOCEstimator.load(a.model, a.device, a.backend)
+    if a.bench:
+        print(json.dumps(bench(est, a.bench, a.bench_steps, a.window, a.batch_size)))
+        return
+    if seq.ndim == 3 and seq.shape[2] > est.n_features:
+        seq = seq[..., :est.n_features]  # e.g. [n, T, 4] V, I, T, SOC data: label from V, I, T
+    labels = est.label(seq, a.window, a.batch_size, progress=True)
+    atomic_npy(out, labels)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

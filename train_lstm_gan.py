@@ -4,6 +4,7 @@ the shared loop in gan_trainer_base.py.
     python train_lstm_gan.py                      # the paper's defaults, on the shipped LG 18650HG2 windows
     python train_lstm_gan.py --model-scale 0.125 -e 20 -s 10 -ess 64   # a CPU demo
 """
+import argparse
 import sys
 
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 from torch.optim import Adam
 
 from arg_parser import parse_arg
-from gan_trainer_base import GANTrainerBase, UserError
+from common import cli
+from gan_trainer_base import GANTrainerBase
 from lean_lstm import LeanLSTM
 
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
@@ -100,35 +102,41 @@ class Discriminator(nn.Module):
         return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
 
 
+N_FEATURES = 3   # the GAN generates V, I, T; the SOC estimator labels them
+
+
+def build_generator(args: argparse.Namespace, seq_len: int) -> Generator:
+    return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
+                     args.norm_layout)
+
+
+def build_critic(args: argparse.Namespace) -> Discriminator:
+    return Discriminator(N_FEATURES, args.discriminator_dropout, args.model_scale, args.norm_layout)
+
+
+def build_optimizers(args: argparse.Namespace, generator: nn.Module, critic: nn.Module) -> tuple[Adam, Adam]:
+    g_optim = Adam(generator.parameters(), lr=args.generator_learning_rate, weight_decay=args.generator_weight_decay,
+                   betas=(args.generator_adam_beta1, args.generator_adam_beta2))
+    d_optim = Adam(critic.parameters(), lr=args.discriminator_learning_rate,
+                   weight_decay=args.discriminator_weight_decay,
+                   betas=(args.discriminator_adam_beta1, args.discriminator_adam_beta2))
+    return g_optim, d_optim
+
+
 class TrainLSTMGAN(GANTrainerBase):
     trainer_name = "lstm_gan"
 
     def build_models(self) -> tuple[nn.Module, nn.Module]:
-        a = self.args
-        generator = Generator(a.generator_input_dim, self.n_features, self.seq_len, a.generator_dropout,
-                              a.model_scale, a.norm_layout)
-        critic = Discriminator(self.n_features, a.discriminator_dropout, a.model_scale, a.norm_layout)
-        return generator, critic
+        return build_generator(self.args, self.seq_len), build_critic(self.args)
 
     def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        a = self.args
-        g_optim = Adam(self.G.parameters(), lr=a.generator_learning_rate, weight_decay=a.generator_weight_decay,
-                       betas=(a.generator_adam_beta1, a.generator_adam_beta2))
-        d_optim = Adam(self.D.parameters(), lr=a.discriminator_learning_rate,
-                       weight_decay=a.discriminator_weight_decay,
-                       betas=(a.discriminator_adam_beta1, a.discriminator_adam_beta2))
-        return g_optim, d_optim
+        return build_optimizers(self.args, self.G, self.D)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when training ends (or stops at a signal), 2 on bad input."""
     args = parse_arg(argv)
-    try:
-        trainer = TrainLSTMGAN(args, argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    trainer.train()
-    return 0
+    return cli(lambda: TrainLSTMGAN(args, argv).train())
 
 
 if __name__ == "__main__":

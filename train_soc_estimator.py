@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 import lg_dataset
+from common import OneLineParser, atomic_write, cli, resolve_device
 from soc_estimator import SOCLSTM, SOCModelError, load_keras_h5, save_keras_h5
 
 
@@ -40,9 +40,7 @@ def lr_at(epoch: int, lr: float, decay: str, epochs: int, min_lr: float, step_ev
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a kill mid-write leaves the previous checkpoint intact
 
 
 @torch.no_grad()
@@ -59,6 +57,36 @@ def val_scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
             float(np.sqrt(np.mean((pred.astype(np.float64) - y) ** 2)) * 100))
 
 
+def train_epoch(model: SOCLSTM, opt: torch.optim.Optimizer, Xtr: np.ndarray, ytr: np.ndarray, perm: np.ndarray,
+                batch_size: int, device: torch.device) -> float:
+    """One pass over the training windows in the order perm; -> the summed Huber loss."""
+    model.train()
+    tot = 0.0
+    for i in range(0, len(perm), batch_size):
+        idx = np.sort(perm[i:i + batch_size])
+        x = torch.from_numpy(Xtr[idx]).to(device)
+        y = torch.from_numpy(ytr[idx]).to(device)
+        loss = F.huber_loss(model(x).squeeze(-1), y)  # Keras Huber, delta 1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tot += loss.item() * len(idx)
+    return tot
+
+
+def load_checkpoint(path: Path) -> dict:
+    """weights_only=True: the checkpoint holds tensors, numbers, strings, lists and dicts only, so loading a file
+    someone sent can never run code."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or not {"model", "opt", "epoch", "history"} <= set(saved):
+            raise ValueError("not a checkpoint of train_soc_estimator.py")
+    except Exception as err:   # damaged, foreign, or holding objects that safe loading refuses
+        raise SOCModelError(f"{path}: not a loadable checkpoint ({type(err).__name__}); delete it or pass another "
+                            f"--checkpoint, and train without --resume") from None
+    return saved
+
+
 def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray, cfg: dict,
           ckpt_path: Path, device: torch.device, resume: bool = False, log=print) -> dict:
     """Adam + Huber, early stopping on the validation loss; returns the checkpoint dict (best weights inside).
@@ -73,7 +101,7 @@ def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yv
     average_from = cfg.get("average_from", 0)
     avg = AveragedModel(model) if average_from else None
     if resume and ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(ckpt_path)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         if avg is not None and saved.get("avg") is not None:
@@ -81,24 +109,15 @@ def train(model: SOCLSTM, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yv
         torch.set_rng_state(saved["torch_rng"])
         ck = saved
         log(f"resumed from {ckpt_path} at epoch {ck['epoch']}")
-    n, bs = len(Xtr), cfg["batch_size"]
+    n = len(Xtr)
     while ck["epoch"] < cfg["epochs"] and ck["bad_epochs"] < cfg["patience"]:
         ep = ck["epoch"]
         lr = lr_at(ep, cfg["lr"], cfg["lr_decay"], cfg["epochs"], cfg["min_lr"], cfg["step_every"], cfg["gamma"])
         for g in opt.param_groups:
             g["lr"] = lr
-        model.train()
-        t0, tot = time.time(), 0.0
+        t0 = time.time()
         perm = np.random.default_rng(cfg["seed"] + ep).permutation(n)  # per-epoch seed: resumable
-        for i in range(0, n, bs):
-            idx = np.sort(perm[i:i + bs])
-            x = torch.from_numpy(Xtr[idx]).to(device)
-            y = torch.from_numpy(ytr[idx]).to(device)
-            loss = F.huber_loss(model(x).squeeze(-1), y)  # Keras Huber, delta 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += loss.item() * len(idx)
+        tot = train_epoch(model, opt, Xtr, ytr, perm, cfg["batch_size"], device)
         val, val_rmse = val_scores(predict(model, Xval, device), yval) if len(Xval) else (tot / n, float("nan"))
         ck["epoch"] = ep + 1
         entry = {"epoch": ep + 1, "lr": lr, "loss": tot / n, "val_loss": val, "val_rmse_pct": val_rmse}
@@ -203,7 +222,8 @@ def missing_test_files(index: list[dict]) -> list[str]:
 # command line
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="train_soc_estimator.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-dir", help="LG HG2 folder with 0degC/ 10degC/ 25degC/ (Digatron .csv or .parquet tables)")
     p.add_argument("--out", default="soc_models/lg_positive_temp_300_steps.h5", help="Keras .h5 to write")
     p.add_argument("--evaluate", metavar="MODEL", help="no training: test metrics and plots of a Keras model file")
@@ -239,9 +259,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SOCModelError(f"--device {args.device}: no CUDA GPU visible here; use --device auto or cpu")
+    device, _ = resolve_device(args.device)
     out = Path(args.out)
     plots = Path(args.plots_dir) if args.plots_dir else out.parent / "test_cycles"
     if args.evaluate:
@@ -289,9 +307,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                  "scaler": scaler, "test_files": [it["file"] for it in index], "missing_test_files": missing,
                  "test_metrics": m, "data": lg_dataset.CITATION, "device": str(device),
                  "command": "python train_soc_estimator.py " + " ".join(argv)})
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(side, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write(out.with_suffix(".json"), json.dumps(side, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return m
 
@@ -299,12 +315,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    try:
-        run(args, argv)
-    except (SOCModelError, lg_dataset.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(lambda: run(args, argv))
 
 
 if __name__ == "__main__":

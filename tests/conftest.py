@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny slice of the shipped real LG windows and a random-weight SOC model file."""
+"""Shared fixtures and helpers: a tiny slice of the shipped real LG windows, a random-weight SOC model file, the
+tiny GAN's flags and tiny trained runs. Test modules import helpers from here, never from each other."""
+import csv
+import json
 import os
-import sys
+import shutil
 from pathlib import Path
 
 # Tiny shapes run fastest on one thread, and the CI machine's two cores are shared with subprocesses.
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
 torch.set_num_threads(1)
 
 
@@ -41,3 +44,41 @@ def soc_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("soc") / "random_soc.h5"
     save_keras_h5(SOCLSTM(), path)
     return path
+
+
+# ---- the tiny GAN ---------------------------------------------------------------------------------------------
+
+def tiny_args(data: Path, soc_model: Path, results: Path, *extra: str) -> list[str]:
+    """train_lstm_gan.py flags of a GAN that trains an epoch in well under a second on one CPU thread."""
+    return ["-d", str(data), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "--results-dir", str(results),
+            "--model-scale", "0.0625", "-gid", "8", "-b", "8", "-dts", "2", "-socs", "20", "-ess", "12",
+            "--device", "cpu", "--seed", "7", *extra]
+
+
+def run_dirs(results: Path) -> list[Path]:
+    return sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []
+
+
+def read_losses(run: Path) -> list[list[str]]:
+    with open(run / "losses.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+def make_tiny_run(data: Path, soc_model: Path, results: Path, *extra: str) -> Path:
+    """Train the tiny GAN (default: 2 epochs, saved at 1 and 2) on data that carries the real scaler in its
+    sidecar; -> the run folder."""
+    from train_lstm_gan import main
+    data_dir = results.parent / "tiny_scaled_data"
+    data_dir.mkdir(exist_ok=True)
+    npy = data_dir / "tiny.npy"
+    shutil.copyfile(data, npy)
+    npy.with_suffix(".json").write_text(json.dumps({"scaler": SCALER}))
+    assert main(tiny_args(npy, soc_model, results, *(extra or ("-e", "2", "-s", "1")))) == 0
+    (run,) = run_dirs(results)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, soc_model, tmp_path_factory) -> Path:
+    """A tiny trained run of this test module's own (a module may write into it)."""
+    return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("run") / "results")

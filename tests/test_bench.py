@@ -7,23 +7,24 @@ import pytest
 import torch
 
 import bench
-from gan_trainer_base import UserError, bf16_lstm_supported
+from common import UserError
+from gan_trainer_base import bf16_lstm_supported
 
 BF16_RTOL = 2e-2   # bf16 autocast against fp32 over 3 epochs of a tiny run (measured: < 5e-3)
 
 
 @pytest.fixture()
-def tiny(tmp_path):
-    """A tiny config (the --quick shapes) and a trainer plus reference built from it."""
+def tiny():
+    """A tiny config (the --quick shapes) and a WGANGP plus reference built from it in memory."""
     cfg = bench.parse(["--device", "cpu", "--quick"])
     cfg.steps, cfg.warmup, cfg.label_seqs = 2, 1, 2
-    trainer = bench.make_trainer(cfg, tmp_path)
-    return cfg, trainer, bench.Reference(trainer)
+    gan = bench.make_gan(cfg)
+    return cfg, gan, bench.Reference(gan, cfg)
 
 
 def test_training_lines_have_the_documented_keys(tiny):
-    cfg, trainer, reference = tiny
-    lines = bench.measure_training(cfg, trainer, reference)
+    cfg, gan, reference = tiny
+    lines = bench.measure_training(cfg, gan, reference)
     assert [(l["measure"], l["impl"]) for l in lines] == [
         ("critic_step", "fast"), ("critic_step", "reference"), ("generator_step", "fast"),
         ("generator_step", "reference")]
@@ -37,8 +38,8 @@ def test_training_lines_have_the_documented_keys(tiny):
 
 
 def test_labelling_line(tiny):
-    cfg, trainer, _ = tiny
-    l = bench.measure_labelling(cfg, trainer)
+    cfg, _, _ = tiny
+    l = bench.measure_labelling(cfg, bench.random_soc_estimator(cfg))
     assert set(bench.KEYS) <= set(l)
     assert l["measure"] == "soc_label" and l["window"] == cfg.seq_len // 2
     assert l["windows"] == 2 * (cfg.seq_len - l["window"] + 1) and l["windows_per_s"] > 0
@@ -46,9 +47,9 @@ def test_labelling_line(tiny):
 
 @pytest.mark.parametrize("chunk", [0, 1, 3])   # 3: 6 uneven chunks (2 or 3 samples); 1: clamped to 2
 def test_reference_and_fast_give_the_same_losses(tiny, chunk):
-    cfg, trainer, reference = tiny
-    trainer.args.critic_chunk = chunk
-    check = bench.check_equal_losses(cfg, trainer, reference)
+    cfg, gan, reference = tiny
+    gan.settings.critic_chunk = chunk
+    check = bench.check_equal_losses(cfg, gan, reference)
     assert check["equal"], check
     assert len(check["losses_fast"]) == cfg.check_steps + 1
     assert check["max_rel_diff"] < bench.LOSS_RTOL
@@ -65,19 +66,19 @@ def test_main_prints_one_json_line_per_measurement(capsys):
     assert printed[-1]["equal"]
 
 
-def test_bf16_losses_stay_close_to_fp32_or_is_refused(tmp_path):
+def test_bf16_losses_stay_close_to_fp32_or_is_refused():
     """On a CPU with oneDNN bf16 LSTM kernels, bf16 runs close to fp32; on one without, the trainer refuses it
     with a one-line error (it used to crash in the first critic step)."""
     if not bf16_lstm_supported(torch.device("cpu")):
         cfg = bench.parse(["--device", "cpu", "--quick", "--precision", "bf16"])
         with pytest.raises(UserError, match="--precision bf16: this CPU has no bfloat16 LSTM"):
-            bench.make_trainer(cfg, tmp_path / "bf16")
+            bench.make_gan(cfg)
         return
     losses = {}
     for precision in ("fp32", "bf16"):
         cfg = bench.parse(["--device", "cpu", "--quick", "--precision", precision])
-        trainer = bench.make_trainer(cfg, tmp_path / precision)
+        gan = bench.make_gan(cfg)
         torch.manual_seed(0)
-        losses[precision] = np.array([list(trainer.train_epoch().values()) for _ in range(3)])
+        losses[precision] = np.array([list(gan.train_epoch().values()) for _ in range(3)])
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=BF16_RTOL)
     assert not np.array_equal(losses["bf16"], losses["fp32"])   # autocast really ran in bf16

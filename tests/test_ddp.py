@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_lstm_gan import read_losses, run_dirs, tiny_args
+from conftest import read_losses, run_dirs, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import evaluate
-from test_generate import make_tiny_run
 
 # the post-hoc models at toy size: the point here is the plumbing, test_metrics.py checks the numbers
 TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1", "--tstr-hidden", "8",
@@ -17,11 +16,6 @@ EVERY_KEY = ("nonfinite_share", "w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "ac
              "phys_soc_rise_while_discharging", "real_phys_v_out_of_limits", "discriminative_score",
              "discriminative_accuracy", "predictive_mae", "predictive_mae_real", "tstr_rmse_soc_pct",
              "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, soc_model, tmp_path_factory) -> Path:
-    return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("eval") / "results")
 
 
 def ev(run: Path, *extra) -> int:

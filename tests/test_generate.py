@@ -10,30 +10,9 @@ import pytest
 import torch
 
 import generate
-import train_lstm_gan
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
-
-
-def make_tiny_run(data: Path, soc_model: Path, results: Path) -> Path:
-    """Train the tiny GAN for 2 epochs (saved at 1 and 2) on data that carries the real scaler in its sidecar."""
-    data_dir = results.parent / "tiny_scaled_data"
-    data_dir.mkdir(exist_ok=True)
-    npy = data_dir / "tiny.npy"
-    shutil.copyfile(data, npy)
-    npy.with_suffix(".json").write_text(json.dumps({"scaler": SCALER}))
-    argv = ["-d", str(npy), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "--results-dir", str(results),
-            "--model-scale", "0.0625", "-gid", "8", "-b", "8", "-dts", "2", "-socs", "20", "-ess", "12",
-            "-e", "2", "-s", "1", "--device", "cpu", "--seed", "7"]
-    assert train_lstm_gan.main(argv) == 0
-    (run,) = [p for p in results.iterdir() if p.is_dir()]
-    return run
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, soc_model, tmp_path_factory) -> Path:
-    return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("gen") / "results")
 
 
 def gen(run: Path, *extra) -> int:

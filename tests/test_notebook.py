@@ -16,7 +16,7 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # for the in-process runs below
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import make_tiny_run  # noqa: E402
 from run_notebook import NotebookError, execute_notebook, main  # noqa: E402
 
 NOTEBOOK = ROOT / "visualize_lstm_gan.ipynb"
@@ -24,28 +24,32 @@ SCALER = {"min": [2.5, -20.0, 0.0], "max": [4.2, 6.0, 50.0]}
 SECTIONS = ["losses", "sequences", "embeddings", "metrics"]
 
 
-def make_run(root: Path, epochs=(2, 4), scaler=SCALER, losses_rows=4, metrics_epoch=4) -> Path:
-    """A run folder in the trainer's format, with random but well-shaped arrays."""
-    run = root / "1700000000_lstm_gan"
-    run.mkdir()
-    config = {"args": {"epochs": 4, "s": 2, "ess": 8, "gid": 128}, "result_name": run.name, "device": "cpu",
-              "seed": 0, "seq_len": 30, "data_path": "data/lg_600_data.npy", "data_sha256": "0" * 64,
-              "scaler": scaler, "versions": {"numpy": np.__version__}, "soc_model": "soc_models/lstm.pt"}
-    (run / "config.json").write_text(json.dumps(config))
-    rows = ["epoch,g_loss,d_loss,d_real,d_fake,gp,seconds"]
-    rows += [f"{e},{-0.1 * e},{0.5 / e},{1.0 / e},{-1.0 / e},{0.01 * e},1.5" for e in range(1, losses_rows + 1)]
-    (run / "losses.csv").write_text("\n".join(rows) + "\n")
-    (run / "best_generator.json").write_text(json.dumps({"loss": -0.4, "epoch": 4}))
-    rng = np.random.default_rng(0)
+@pytest.fixture(scope="module")
+def real_run(tiny_data, soc_model, tmp_path_factory) -> Path:
+    """A real tiny training run (4 epochs, saved at 2 and 4), as the trainer writes it."""
+    return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("nb") / "results", "-e", "4", "-s", "2")
+
+
+def make_run(root: Path, source: Path, epochs=(2, 4), scaler=SCALER, losses_rows=4, metrics_epoch=4) -> Path:
+    """A copy of the real run, changed the way a test needs: epoch folders renamed or dropped, the scaler
+    replaced, losses.csv cut to its first rows, metrics.json in one epoch folder only (with known keys)."""
+    run = root / source.name
+    shutil.copytree(source, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "scaler": scaler}))
+    lines = (run / "losses.csv").read_text().splitlines()
+    (run / "losses.csv").write_text("\n".join(lines[:1 + losses_rows]) + "\n")
+    saved = sorted(run.glob("*_epoch"), key=lambda p: int(p.name.split("_")[0]))
+    for folder in saved[len(epochs):]:
+        shutil.rmtree(folder)
+    for folder, e in zip(saved, epochs):
+        (folder / "metrics.json").unlink()
+        folder.rename(run / f"{e}_epoch.tmp")
     for e in epochs:
-        d = run / f"{e}_epoch"
-        d.mkdir()
-        np.save(d / "fake_data.npy", rng.random((8, 30, 4), dtype=np.float32))
-        np.save(d / "real_data.npy", rng.random((8, 30, 4), dtype=np.float32))
-        for name in ["pca_real", "pca_fake", "tsne_real", "tsne_fake"]:
-            np.save(d / f"{name}.npy", rng.normal(size=(8, 2)))
-        if e == metrics_epoch:
-            (d / "metrics.json").write_text(json.dumps({"mae_v": 0.01 * e, "rmse_soc": 0.02, "ok": True, "note": "x"}))
+        (run / f"{e}_epoch.tmp").rename(run / f"{e}_epoch")
+    if metrics_epoch in epochs:
+        (run / f"{metrics_epoch}_epoch" / "metrics.json").write_text(
+            json.dumps({"mae_v": 0.01 * metrics_epoch, "rmse_soc": 0.02, "ok": True, "note": "x"}))
     shutil.copy(NOTEBOOK, run / "result.ipynb")
     return run
 
@@ -79,8 +83,8 @@ def test_notebook_is_clean_and_small():
     assert NOTEBOOK.stat().st_size < 30_000
 
 
-def test_full_run_executes_with_figures(tmp_path):
-    run = make_run(tmp_path)
+def test_full_run_executes_with_figures(tmp_path, real_run):
+    run = make_run(tmp_path, real_run)
     html = execute_notebook(run)
     assert html == run / "result.html" and html.stat().st_size > 0
     assert "data:image/png;base64" in html.read_text()
@@ -97,8 +101,8 @@ def test_full_run_executes_with_figures(tmp_path):
     assert not list(run.glob(".*.tmp"))  # atomic writes leave no temp file
 
 
-def test_run_without_epoch_folders_executes(tmp_path):
-    run = make_run(tmp_path, epochs=(), scaler=None, losses_rows=1)
+def test_run_without_epoch_folders_executes(tmp_path, real_run):
+    run = make_run(tmp_path, real_run, epochs=(), scaler=None, losses_rows=1)
     execute_notebook(run)
     nb = nbformat.read(run / "result.ipynb", as_version=4)
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
@@ -121,8 +125,8 @@ def test_failing_cell_raises_notebook_error(tmp_path):
 
 
 @pytest.mark.parametrize("losses", ["", "epoch,g_loss,d_loss,d_real,d_fake,gp,seconds\n", None])
-def test_edge_cases_in_process(tmp_path, monkeypatch, capsys, losses):
-    run = make_run(tmp_path, epochs=(10, 2), scaler=None, metrics_epoch=None)
+def test_edge_cases_in_process(tmp_path, monkeypatch, capsys, losses, real_run):
+    run = make_run(tmp_path, real_run, epochs=(10, 2), scaler=None, metrics_epoch=None)
     if losses is None:
         (run / "losses.csv").unlink()
     else:
@@ -138,8 +142,8 @@ def test_edge_cases_in_process(tmp_path, monkeypatch, capsys, losses):
     assert ns["channel_label"](0) == "Voltage (scaled 0..1)"
 
 
-def test_physical_units(tmp_path, monkeypatch):
-    ns = run_in_process(make_run(tmp_path), monkeypatch)
+def test_physical_units(tmp_path, monkeypatch, real_run):
+    ns = run_in_process(make_run(tmp_path, real_run), monkeypatch)
     x = np.array([[[0.0, 0.0, 0.0, 0.3], [1.0, 1.0, 1.0, 0.7]]])
     phys = ns["to_physical"](x)
     np.testing.assert_allclose(phys[0, 0], [2.5, -20.0, 0.0, 0.3])

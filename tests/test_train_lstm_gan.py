@@ -1,5 +1,4 @@
 """The GAN trainer: CLI, networks, WGAN-GP loop, results folder, checkpoint/resume, bad input."""
-import csv
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import torch
 import arg_parser
 import gan_trainer_base
 from gan_trainer_base import BatchSampler, gradient_penalty
+from conftest import read_losses, run_dirs, tiny_args
 from train_lstm_gan import Discriminator, Generator, main, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,21 +36,6 @@ PAPER_FLAGS = [
     ("-socm", "--soc-estimator-model",
      "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"),
 ]
-
-
-def tiny_args(data, soc_model, results, *extra):
-    return ["-d", str(data), "-socmp", str(soc_model.parent), "-socm", soc_model.name, "--results-dir", str(results),
-            "--model-scale", "0.0625", "-gid", "8", "-b", "8", "-dts", "2", "-socs", "20", "-ess", "12",
-            "--device", "cpu", "--seed", "7", *extra]
-
-
-def run_dirs(results: Path) -> list[Path]:
-    return sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []
-
-
-def read_losses(run: Path) -> list[list[str]]:
-    with open(run / "losses.csv", newline="") as f:
-        return list(csv.reader(f))
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
@@ -273,6 +258,23 @@ def test_resume_can_extend_training(tiny_data, soc_model, tmp_path):
     assert main(["-r", run.name, "--results-dir", str(results), "-e", "3"]) == 0
     assert [r[0] for r in read_losses(run)[1:]] == ["1", "2", "3"]
     assert json.loads((run / "config.json").read_text())["resumed"][0]["at_epoch"] == 2
+
+
+def test_resume_a_checkpoint_written_before_newer_flags_existed(tiny_data, soc_model, tmp_path):
+    """A checkpoint whose saved args lack flags added later (--precision, --critic-chunk, --eval-metrics) resumes
+    with those flags' defaults; typed flags still apply (it crashed with AttributeError)."""
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "2")) == 0
+    [run] = run_dirs(results)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    for flag in ("precision", "critic_chunk", "eval_metrics"):
+        del ckpt["args"][flag]
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert main(["-r", run.name, "--results-dir", str(results), "-e", "3"]) == 0
+    assert [r[0] for r in read_losses(run)[1:]] == ["1", "2", "3"]
+    args = json.loads((run / "config.json").read_text())["args"]
+    assert (args["precision"], args["critic_chunk"], args["eval_metrics"], args["gan_epochs"]) == ("fp32", 0, "quick", 3)
+    assert args["model_scale"] == 0.0625 and args["seed"] == 7   # saved values kept
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
