@@ -144,7 +144,7 @@ def say_projection(seconds: float, epochs: int, snapshot_every: int, device: tor
           f"-s {snapshot_every} epochs come on top)", flush=True)
     if total >= 86400 and device.type == "cpu":
         print("note: this is the paper's GPU configuration; on a CPU, --preset cpu trains a smaller network "
-              "that learns in hours (see README)", flush=True)
+              "sized for it (see README)", flush=True)
 
 
 def init_distributed(device_name: str) -> tuple[int, int, int]:
