@@ -36,6 +36,8 @@ SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
 ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
+MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
+DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +395,7 @@ class GANTrainerBase(ABC):
                 raise UserError(f"{self.args.result_notebook}: result notebook not found; pass an existing "
                                 f"notebook with -n")
             self._build_gan()
+            check_inputs(self)
         except BaseException:
             if self.run is not None:
                 self.run.unlock()
@@ -588,6 +591,9 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     def real(rows: np.ndarray, segment: str = "aligned") -> np.ndarray:
         return real_steps(t.real_data[rows], t.seq_len, a.soc_estimator_step, segment)
     arrays = {"fake_data": fake, "real_data": real(idx[:REAL_SAMPLE_SAVED])}
+    nonfinite = float(1 - np.isfinite(fake).mean())
+    if nonfinite > 0:   # a diverged generator: recorded (no embedding or metric of NaNs), training goes on
+        return arrays, {"nonfinite_share": nonfinite}
     arrays.update(metrics.pca_tsne(real(idx, a.pca_segment), fake, seed=eval_seed % 2 ** 32))
     # distinct windows for the metrics: one window on both sides of a post-hoc split would flatter the scores
     distinct, seed = real(np.unique(idx)), eval_seed % 2 ** 32
@@ -600,3 +606,32 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
         test = None
     return arrays, metrics.all_metrics(distinct, fake, t.scaler, seed, t.device, test_windows=test,
                                        train_windows=t.real_data)
+
+
+def check_inputs(trainer: GANTrainerBase) -> None:
+    """What would otherwise fail only at the first -s snapshot, hours in: checked now, then the evaluation runs
+    once on a few sequences (its files are not written) so that whatever remains fails in seconds."""
+    t, a = trainer, trainer.args
+    if t.soc.n_features != t.n_features:
+        raise UserError(f"{t.soc_model_path}: the SOC model takes {t.soc.n_features} inputs, the GAN labels V, I, "
+                        f"T ({t.n_features}); pass a model trained on V, I, T with -socmp/-socm")
+    if min(a.soc_estimator_step, t.seq_len - a.soc_estimator_step) < 2:
+        raise UserError(f"-socs {a.soc_estimator_step}: the evaluation keeps L = min(socs, T - socs) steps of each "
+                        f"{t.seq_len}-step sequence, here fewer than 2; use -socs {t.seq_len - 2} or less")
+    if a.evaluate_sample_size < MIN_EVAL_SAMPLES:
+        raise UserError(f"-ess {a.evaluate_sample_size}: the evaluation (PCA, t-SNE, metrics) needs at least "
+                        f"{MIN_EVAL_SAMPLES} sequences; use -ess {MIN_EVAL_SAMPLES} or more")
+    if t.checkpoint is not None and sha256(t.data_path) != t.run.read_config().get("data_sha256"):
+        raise UserError(f"{t.data_path}: not the data this run was trained on (its SHA-256 differs from "
+                        f"config.json's data_sha256); resume with the run's own data (drop -d) or start a new run")
+    saved = rng_state(t.device, t.gan.sampler)   # the dry run must not move training's random streams
+    try:
+        evaluation(t, 0, min(a.evaluate_sample_size, DRY_RUN_SAMPLES))
+    except UserError:
+        raise
+    except Exception as err:   # whatever the checks above missed, as one line instead of a late traceback
+        raise UserError(f"the evaluation failed on a trial sample before training ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}); check -ess, -socs, --eval-metrics and the SOC "
+                        f"model") from None
+    finally:
+        set_rng_state(saved, t.device, t.gan.sampler)

@@ -89,7 +89,10 @@ class RunDir:
         return config
 
     def write_config(self, config: dict) -> None:
-        atomic_json(self.path / "config.json", config)
+        try:
+            atomic_json(self.path / "config.json", config)
+        except OSError as err:
+            raise write_error(self.path / "config.json", err) from None
 
     def record_resume(self, epoch: int, args: dict) -> None:
         """config.json keeps the flags the run trains with now and a list of its resumptions."""
@@ -102,7 +105,10 @@ class RunDir:
     # ---- losses.csv ---------------------------------------------------------------------------------------------
 
     def start_losses(self) -> None:
-        atomic_write(self.path / "losses.csv", ",".join(("epoch",) + LOSS_COLUMNS) + "\r\n")
+        try:
+            atomic_write(self.path / "losses.csv", ",".join(("epoch",) + LOSS_COLUMNS) + "\r\n")
+        except OSError as err:
+            raise write_error(self.path / "losses.csv", err) from None
 
     def read_losses(self) -> list[list[str]]:
         path = self.path / "losses.csv"
@@ -122,8 +128,11 @@ class RunDir:
         atomic_write(self.path / "losses.csv", "".join(",".join(r) + "\r\n" for r in kept))
 
     def append_losses(self, epoch: int, losses: dict[str, float]) -> None:
-        with open(self.path / "losses.csv", "a", newline="") as f:
-            csv.writer(f).writerow([epoch] + [repr(losses[k]) for k in LOSS_COLUMNS])
+        try:
+            with open(self.path / "losses.csv", "a", newline="") as f:
+                csv.writer(f).writerow([epoch] + [repr(losses[k]) for k in LOSS_COLUMNS])
+        except OSError as err:
+            raise write_error(self.path / "losses.csv", err) from None
 
     # ---- checkpoint.pt, best_*.pth --------------------------------------------------------------------------------
 
@@ -153,7 +162,7 @@ class RunDir:
 
     def write_best(self, name: str, state_dict: dict, loss: float, epoch: int) -> None:
         self.save(self.path / f"{name}.pth", state_dict)
-        atomic_json(self.path / f"{name}.json", {"loss": loss, "epoch": epoch})
+        self.save(self.path / f"{name}.json", {"loss": loss, "epoch": epoch})
 
     def save_copy(self, source: Path, name: str) -> None:
         """A copy of source (the result notebook) in the run folder: complete or absent."""
@@ -163,8 +172,12 @@ class RunDir:
             raise write_error(self.path / name, err) from None
 
     def save(self, path: Path, obj) -> None:
+        """obj to path: JSON for a .json, torch.save otherwise; a failed write is one line."""
         try:
-            atomic_write(path, lambda tmp: torch.save(obj, tmp))
+            if path.suffix == ".json":
+                atomic_json(path, obj)
+            else:
+                atomic_write(path, lambda tmp: torch.save(obj, tmp))
         except OSError as err:
             raise write_error(path, err) from None
 

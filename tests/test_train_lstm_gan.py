@@ -362,7 +362,7 @@ def test_ctrl_c_finishes_the_epoch_and_checkpoints_it(tiny_data, soc_model, tmp_
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
+    assert proc.returncode == 130   # 128 + SIGINT, as shells expect (issue 16; it was 0)
     [run] = run_dirs(results)
     epochs = len(read_losses(run)) - 1
     assert 2 <= epochs < 500
