@@ -103,11 +103,9 @@ def bf16_lstm_supported(device: torch.device) -> bool:
 
 
 def cap_heap_growth(threshold: int = 4 << 20) -> bool:
-    """Have glibc serve blocks >= threshold bytes with mmap, handed back to the system when freed.
-    The gradient penalty's double backward through nn.LSTM on CPU allocates and frees weight-sized blocks at every
-    time step; glibc's default (a threshold that rises to 32 MB) puts them on the heap, which fragments: one penalty
-    through oneDNN at the paper's scale and batch 4 peaked at 10.4 GB (1.6-2.4 GB with the cap, same numbers), and
-    with the cap memory falls back between --critic-chunk chunks. MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    """Have glibc serve blocks >= threshold bytes with mmap, handed back to the system when freed: a double backward
+    through nn.LSTM on CPU allocates and frees weight-sized blocks at every time step, which fragment glibc's heap
+    (figures in README.md, Performance). MALLOC_MMAP_THRESHOLD_ in the environment wins."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:

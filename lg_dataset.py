@@ -539,7 +539,8 @@ def plot_discharges(raw_dir: Path, entries: list[str], out: Path) -> None:
 # CLI
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="lg_dataset.py", description="Build LG 18650HG2 windows [n, seq_len, 4] (V, I, T, SOC) + sidecar.")
+    p = OneLineParser(prog="lg_dataset.py",
+                      description="Build LG 18650HG2 windows [n, seq_len, 4] (V, I, T, SOC) + sidecar.")
     p.add_argument("--raw-dir", required=True, help="folder holding 0degC/ 10degC/ 25degC/ with <name>.csv "
                    "(original Digatron export) or <name>.parquet (measurement table)")
     p.add_argument("--out", required=True, help="output .npy (sidecar <stem>.json next to it); .png with --plot")

@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from common import UserError, atomic_json, atomic_write
 
 LOSS_COLUMNS = ("g_loss", "d_loss", "d_real", "d_fake", "gp")
-CHECKPOINT_FORMAT = 2   # 2: loadable with weights_only=True (RNG states as tensors and lists), no loss history
+CHECKPOINT_FORMAT = 2   # 2: RNG states as tensors and lists, no loss history; 1 (no key): numpy's RNG state as
+# an array and the loss history, still read: numpy's array reconstruction is all it needs beyond torch's safe types
+LEGACY_SAFE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def write_error(path: Path, err: OSError) -> UserError:
@@ -148,11 +151,12 @@ class RunDir:
             raise UserError(f"{path}: the run has no checkpoint to resume from (it stopped before its first save); "
                             f"start a new run instead")
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:   # damaged, foreign, or holding objects that safe loading refuses
             raise UserError(f"{path}: not a loadable checkpoint ({type(err).__name__}; a damaged file, or one "
                             f"written by an older version or by someone else); start a new run instead") from None
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(checkpoint, dict) or checkpoint.get("format", 1) not in (1, CHECKPOINT_FORMAT):
             raise UserError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT} (written by another version "
                             f"of train_lstm_gan.py); start a new run instead")
         return checkpoint

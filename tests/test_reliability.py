@@ -91,6 +91,24 @@ def test_checkpoints_hold_only_safe_types(run):
         torch.load(run / name, weights_only=True)
 
 
+def test_a_checkpoint_of_the_previous_format_still_resumes_exactly(tiny_data, soc_model, tmp_path):
+    """Format 1 (before safe loading): numpy's RNG state as an array, the loss history inside, no format key. It
+    loads with weights_only=True plus numpy's array reconstruction, and the resumed run equals a straight one."""
+    straight = tmp_path / "straight"
+    assert main(tiny_args(tiny_data, soc_model, straight, "-e", "4")) == 0
+    old = tmp_path / "old"
+    assert main(tiny_args(tiny_data, soc_model, old, "-e", "2")) == 0
+    [run] = run_dirs(old)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    name, keys, pos, has_gauss, cached = ckpt["rng"][0]["numpy"]
+    ckpt["rng"][0]["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+    ckpt["history"] = {"g_loss": [0.0, 0.0]}
+    del ckpt["format"]
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert resume(run, "-e", "4") == 0
+    assert read_losses(run) == read_losses(run_dirs(straight)[0])
+
+
 # ---- 2. one writer per run ---------------------------------------------------------------------------------------
 
 def test_a_second_writer_on_a_run_is_refused(run, capsys):

@@ -273,7 +273,8 @@ def test_resume_a_checkpoint_written_before_newer_flags_existed(tiny_data, soc_m
     assert main(["-r", run.name, "--results-dir", str(results), "-e", "3"]) == 0
     assert [r[0] for r in read_losses(run)[1:]] == ["1", "2", "3"]
     args = json.loads((run / "config.json").read_text())["args"]
-    assert (args["precision"], args["critic_chunk"], args["eval_metrics"], args["gan_epochs"]) == ("fp32", 0, "quick", 3)
+    new_flags = (args["precision"], args["critic_chunk"], args["eval_metrics"], args["gan_epochs"])
+    assert new_flags == ("fp32", 0, "quick", 3)
     assert args["model_scale"] == 0.0625 and args["seed"] == 7   # saved values kept
 
 
