@@ -213,6 +213,14 @@ def positive(text: str) -> int:
     return value
 
 
+def at_least_4(text: str) -> int:
+    """PCA, t-SNE and the unbiased MMD need a few sequences per set."""
+    value = int(text)
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"must be at least 4, got {text}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # learning curve
 
@@ -291,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--generate", type=positive, default=None, metavar="N",
                    help="evaluate N freshly generated sequences instead of the epoch's fake_data.npy")
-    p.add_argument("--n-samples", type=positive, default=1000,
+    p.add_argument("--n-samples", type=at_least_4, default=1000,
                    help="sequences per set for the post-hoc models, PCA/t-SNE and plots")
     p.add_argument("--epochs", type=positive, default=20, help="training epochs of the post-hoc GRUs")
     p.add_argument("--hidden", type=positive, default=32, help="hidden size of the post-hoc GRUs")

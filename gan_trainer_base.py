@@ -35,6 +35,8 @@ SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
 ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
+MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
+DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,28 +123,33 @@ def auto_critic_chunk(batch: int, seq_len: int, critic_units: int, budget: int) 
     return 0 if chunk >= batch else int(chunk)
 
 
-def pick_critic_chunk(critic: nn.Module, batch: int, seq_len: int, device: torch.device, devices: int,
-                      say: bool) -> int:
+def pick_critic_chunk(trainer: "GANTrainerBase") -> None:
     """--critic-chunk not given: the whole batch if its estimated peak fits in half the free memory, else the
     largest chunk that does (exact up to rounding either way). Said once; config.json records it."""
-    units = sum(m.hidden_size for m in critic.modules() if isinstance(m, nn.LSTM))
-    budget = free_memory(device) * devices // 2   # DataParallel splits each chunk over the GPUs
+    if trainer.args.critic_chunk is not None:
+        return
+    batch, seq_len, devices = trainer.batch_size, trainer.seq_len, max(1, len(trainer.device_ids))
+    units = sum(m.hidden_size for m in unwrap(trainer.D).modules() if isinstance(m, nn.LSTM))
+    budget = free_memory(trainer.device) * devices // 2   # DataParallel splits each chunk over the GPUs
     chunk = auto_critic_chunk(batch, seq_len, units, budget)
-    if say:
+    trainer.args.critic_chunk = chunk
+    if trainer.rank == 0:
         estimate = CRITIC_BYTES_PER_UNIT * seq_len * units * (chunk or batch) / devices
         print(f"critic chunk: {chunk or 'whole batch'} of {batch} samples (estimated peak {estimate / 2**30:.1f} "
-              f"GiB of {budget * 2 / devices / 2**30:.1f} GiB free on {device}; set --critic-chunk to choose)",
-              flush=True)
-    return chunk
+              f"GiB of {budget * 2 / devices / 2**30:.1f} GiB free on {trainer.device}; set --critic-chunk to "
+              f"choose)", flush=True)
 
 
-def say_projection(seconds: float, epochs: int, snapshot_every: int, device: torch.device) -> None:
+def say_projection(trainer: "GANTrainerBase", epoch: int, seconds: float) -> None:
     """After the first epoch: what the whole run will take here, before the user waits days for it."""
-    total = seconds * epochs
+    if epoch != trainer.start_epoch + 1:
+        return
+    a = trainer.args
+    total = seconds * (a.gan_epochs - trainer.start_epoch)
     when = f"{total / 86400:.1f} days" if total >= 86400 else f"{total / 3600:.1f} h"
-    print(f"first epoch: {seconds:.1f} s of training; {epochs} epochs at this pace: {when} (snapshots every "
-          f"-s {snapshot_every} epochs come on top)", flush=True)
-    if total >= 86400 and device.type == "cpu":
+    print(f"first epoch: {seconds:.1f} s of training; {a.gan_epochs - trainer.start_epoch} epochs at this pace: "
+          f"{when} (snapshots every -s {a.save_epoch_interval} epochs come on top)", flush=True)
+    if total >= 86400 and trainer.device.type == "cpu":
         print("note: this is the paper's GPU configuration; on a CPU, --preset cpu trains a smaller network "
               "sized for it (see README)", flush=True)
 
@@ -426,6 +433,7 @@ class GANTrainerBase(ABC):
                 raise UserError(f"{self.args.result_notebook}: result notebook not found; pass an existing "
                                 f"notebook with -n")
             self._build_gan()
+            check_inputs(self)
         except BaseException:
             if self.run is not None:
                 self.run.unlock()
@@ -467,9 +475,7 @@ class GANTrainerBase(ABC):
             self.G = nn.DataParallel(self.G, device_ids=self.device_ids)
             self.D = nn.DataParallel(self.D, device_ids=self.device_ids)
         g_optim, d_optim = self.build_optimizers()
-        if self.args.critic_chunk is None:
-            self.args.critic_chunk = pick_critic_chunk(unwrap(self.D), self.batch_size, self.seq_len, self.device,
-                                                       max(1, len(self.device_ids)), self.rank == 0)
+        pick_critic_chunk(self)
         if self.world > 1:   # ... but each rank its own noise and its own batches
             seed_everything(self.seed + self.rank)
         self.gan = WGANGP(self.G, self.D, g_optim, d_optim, self.train_data, self.batch_size, self.seed + self.rank,
@@ -574,9 +580,7 @@ class GANTrainerBase(ABC):
                 losses = self.gan.train_epoch()
                 if lead:
                     self._record(epoch, losses)
-                    if epoch == self.start_epoch + 1:
-                        say_projection(time.time() - begin, a.gan_epochs - self.start_epoch, a.save_epoch_interval,
-                                       self.device)
+                    say_projection(self, epoch, time.time() - begin)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(g_loss=f"{losses['g_loss']:.4f}", d_loss=f"{losses['d_loss']:.4f}")
@@ -627,6 +631,9 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     def real(rows: np.ndarray, segment: str = "aligned") -> np.ndarray:
         return real_steps(t.real_data[rows], t.seq_len, a.soc_estimator_step, segment)
     arrays = {"fake_data": fake, "real_data": real(idx[:REAL_SAMPLE_SAVED])}
+    nonfinite = float(1 - np.isfinite(fake).mean())
+    if nonfinite > 0:   # a diverged generator: recorded (no embedding or metric of NaNs), training goes on
+        return arrays, {"nonfinite_share": nonfinite}
     arrays.update(metrics.pca_tsne(real(idx, a.pca_segment), fake, seed=eval_seed % 2 ** 32))
     # distinct windows for the metrics: one window on both sides of a post-hoc split would flatter the scores
     distinct, seed = real(np.unique(idx)), eval_seed % 2 ** 32
@@ -639,3 +646,32 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
         test = None
     return arrays, metrics.all_metrics(distinct, fake, t.scaler, seed, t.device, test_windows=test,
                                        train_windows=t.real_data)
+
+
+def check_inputs(trainer: GANTrainerBase) -> None:
+    """What would otherwise fail only at the first -s snapshot, hours in: checked now, then the evaluation runs
+    once on a few sequences (its files are not written) so that whatever remains fails in seconds."""
+    t, a = trainer, trainer.args
+    if t.soc.n_features != t.n_features:
+        raise UserError(f"{t.soc_model_path}: the SOC model takes {t.soc.n_features} inputs, the GAN labels V, I, "
+                        f"T ({t.n_features}); pass a model trained on V, I, T with -socmp/-socm")
+    if min(a.soc_estimator_step, t.seq_len - a.soc_estimator_step) < 2:
+        raise UserError(f"-socs {a.soc_estimator_step}: the evaluation keeps L = min(socs, T - socs) steps of each "
+                        f"{t.seq_len}-step sequence, here fewer than 2; use -socs {t.seq_len - 2} or less")
+    if a.evaluate_sample_size < MIN_EVAL_SAMPLES:
+        raise UserError(f"-ess {a.evaluate_sample_size}: the evaluation (PCA, t-SNE, metrics) needs at least "
+                        f"{MIN_EVAL_SAMPLES} sequences; use -ess {MIN_EVAL_SAMPLES} or more")
+    if t.checkpoint is not None and sha256(t.data_path) != t.run.read_config().get("data_sha256"):
+        raise UserError(f"{t.data_path}: not the data this run was trained on (its SHA-256 differs from "
+                        f"config.json's data_sha256); resume with the run's own data (drop -d) or start a new run")
+    saved = rng_state(t.device, t.gan.sampler)   # the dry run must not move training's random streams
+    try:
+        evaluation(t, 0, min(a.evaluate_sample_size, DRY_RUN_SAMPLES))
+    except UserError:
+        raise
+    except Exception as err:   # whatever the checks above missed, as one line instead of a late traceback
+        raise UserError(f"the evaluation failed on a trial sample before training ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}); check -ess, -socs, --eval-metrics and the SOC "
+                        f"model") from None
+    finally:
+        set_rng_state(saved, t.device, t.gan.sampler)

@@ -102,15 +102,17 @@ def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, dev
 
 
 def label(soc, sequences: np.ndarray, window: int, first: int, length: int) -> np.ndarray:
-    """V, I, T of steps first..first+length-1 plus the estimator's SOC of the window ending at each step."""
+    """V, I, T of steps first..first+length-1 plus the estimator's SOC of the window ending at each step. A sequence
+    with NaN/inf (a diverged generator) gets a NaN SOC instead of stopping the labelling."""
     # ~3 MB of activations per 300-step window: CPU batches stay small
     batch = 2048 if soc.device.type == "cuda" else 256
-    out = np.empty((len(sequences), length, 4), np.float32)
-    for start in range(0, len(sequences), 256):   # bounded memory whatever n
-        chunk = sequences[start:start + 256]
-        socs = soc.label(chunk, window=window, batch_size=batch)   # column k: the window ending at step window-1+k
-        out[start:start + len(chunk), :, :3] = chunk[:, first:first + length]
-        out[start:start + len(chunk), :, 3] = socs[:, first - (window - 1):first - (window - 1) + length]
+    out = np.full((len(sequences), length, 4), np.nan, np.float32)
+    out[..., :3] = sequences[:, first:first + length]
+    finite = np.flatnonzero(np.isfinite(sequences).all(axis=(1, 2)))
+    for start in range(0, len(finite), 256):   # bounded memory whatever n
+        rows = finite[start:start + 256]
+        socs = soc.label(sequences[rows], window=window, batch_size=batch)   # column k: window ending at window-1+k
+        out[rows, :, 3] = socs[:, first - (window - 1):first - (window - 1) + length]
     return out
 
 

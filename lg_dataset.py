@@ -42,6 +42,9 @@ LICENSE = "CC BY 4.0"
 DOWNLOAD_HINT = "download it from Mendeley Data (doi:10.17632/cp3473x7xv.3)"
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
 class DataError(UserError):
     """One-line, user-facing: names the file, the problem and the fix."""
 
@@ -198,6 +201,13 @@ def _drop_nan(out: pd.DataFrame, path: Path) -> pd.DataFrame:
     return out
 
 
+def _names_known_columns(path: Path) -> bool:
+    """Whether the file's first line is a measurement table's header."""
+    with open(path, encoding="latin-1") as f:
+        first = {c.strip() for c in f.readline().split(",")}
+    return bool(first & (set(TABLE_COLUMNS.values()) | set(TIME_COLUMNS)))
+
+
 def read_discharge(path: str | Path) -> pd.DataFrame:
     """One file's discharge rows: columns time_s, voltage, current, temperature, capacity (float64).
 
@@ -220,8 +230,11 @@ def read_discharge(path: str | Path) -> pd.DataFrame:
             try:
                 table = pd.read_csv(path, dtype=str, skip_blank_lines=True, encoding="latin-1",
                                     keep_default_na=False)
-            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
                 table = pd.DataFrame()
+                if isinstance(e, pd.errors.ParserError) and _names_known_columns(path):   # a header, a bad row
+                    raise DataError(f"{path}: malformed CSV ({' '.join(str(e).split())}); fix or re-export that "
+                                    f"row") from None
             known = set(TABLE_COLUMNS.values()) | set(TIME_COLUMNS)
             if not known & {str(c).strip() for c in table.columns}:
                 raise DataError(f"{path}: no header row: expected a Digatron header line starting "
@@ -359,6 +372,8 @@ def _windows_for(entries: list[str], arrays: list[np.ndarray], raw_dir: Path, se
         index.append({"file": entry, "temp": entry.split("/")[0], "start": start, "stop": start + len(w),
                       "rows": len(a)})
         start += len(w)
+    if not parts:
+        raise DataError(f"{raw_dir}: none of the split's files is there; put them there ({DOWNLOAD_HINT})")
     return np.concatenate(parts), index
 
 
@@ -395,9 +410,14 @@ def load_sidecar(npy_path: str | Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        side = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{p}: not valid JSON; rebuild it with python lg_dataset.py") from None
+    if not isinstance(side, dict):
+        raise DataError(f"{p}: a sidecar must be a JSON object; rebuild it with python lg_dataset.py")
+    if side.get("scaler") is not None:
+        check_scaler(side["scaler"], p)
+    return side
 
 
 def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, required: bool = True,
@@ -511,7 +531,7 @@ def plot_discharges(raw_dir: Path, entries: list[str], out: Path) -> None:
     fig.suptitle("LG 18650HG2, Kollmeyer et al., Mendeley Data V3, doi:10.17632/cp3473x7xv.3 (CC BY 4.0)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format=out.suffix[1:].lower()))
     plt.close(fig)
 
 
@@ -519,7 +539,8 @@ def plot_discharges(raw_dir: Path, entries: list[str], out: Path) -> None:
 # CLI
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="lg_dataset.py", description="Build LG 18650HG2 windows [n, seq_len, 4] (V, I, T, SOC) + sidecar.")
+    p = OneLineParser(prog="lg_dataset.py",
+                      description="Build LG 18650HG2 windows [n, seq_len, 4] (V, I, T, SOC) + sidecar.")
     p.add_argument("--raw-dir", required=True, help="folder holding 0degC/ 10degC/ 25degC/ with <name>.csv "
                    "(original Digatron export) or <name>.parquet (measurement table)")
     p.add_argument("--out", required=True, help="output .npy (sidecar <stem>.json next to it); .png with --plot")
@@ -542,11 +563,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_scaler(path: Path) -> dict:
-    """The 'scaler' of a sidecar .json: {"min": [V, I, T], "max": [V, I, T]} with min < max everywhere."""
+    """The 'scaler' of a sidecar .json."""
     try:
         scaler = json.loads(path.read_text()).get("scaler")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         scaler = None
+    return check_scaler(scaler, path)
+
+
+def check_scaler(scaler, path: Path) -> dict:
+    """{"min": [V, I, T], "max": [V, I, T]}, finite, with min < max everywhere (else scaling gives NaN)."""
     try:
         lo, hi = np.asarray(scaler["min"], dtype=float), np.asarray(scaler["max"], dtype=float)
         valid = lo.shape == hi.shape == (3,) and np.isfinite(lo).all() and np.isfinite(hi).all()
@@ -565,6 +591,8 @@ def run(args: argparse.Namespace) -> None:
     raw_dir, out = Path(args.raw_dir), Path(args.out)
     if not out.parent.is_dir():  # fail before reading anything
         raise DataError(f"{out}: output folder {out.parent}/ does not exist; create it or choose another --out")
+    if args.plot and out.suffix.lower() not in PLOT_FORMATS:
+        raise DataError(f"{out}: unknown image format {out.suffix or '(none)'}; use one of {', '.join(PLOT_FORMATS)}")
     if args.plot:
         plot_discharges(raw_dir, args.plot, out)
         log.info("wrote %s", out)

@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from common import UserError, atomic_json, atomic_write
 
 LOSS_COLUMNS = ("g_loss", "d_loss", "d_real", "d_fake", "gp")
-CHECKPOINT_FORMAT = 2   # 2: loadable with weights_only=True (RNG states as tensors and lists), no loss history
+CHECKPOINT_FORMAT = 2   # 2: RNG states as tensors and lists, no loss history; 1 (no key): numpy's RNG state as
+# an array and the loss history, still read: numpy's array reconstruction is all it needs beyond torch's safe types
+LEGACY_SAFE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def write_error(path: Path, err: OSError) -> UserError:
@@ -89,7 +92,10 @@ class RunDir:
         return config
 
     def write_config(self, config: dict) -> None:
-        atomic_json(self.path / "config.json", config)
+        try:
+            atomic_json(self.path / "config.json", config)
+        except OSError as err:
+            raise write_error(self.path / "config.json", err) from None
 
     def record_resume(self, epoch: int, args: dict) -> None:
         """config.json keeps the flags the run trains with now and a list of its resumptions."""
@@ -102,7 +108,10 @@ class RunDir:
     # ---- losses.csv ---------------------------------------------------------------------------------------------
 
     def start_losses(self) -> None:
-        atomic_write(self.path / "losses.csv", ",".join(("epoch",) + LOSS_COLUMNS) + "\r\n")
+        try:
+            atomic_write(self.path / "losses.csv", ",".join(("epoch",) + LOSS_COLUMNS) + "\r\n")
+        except OSError as err:
+            raise write_error(self.path / "losses.csv", err) from None
 
     def read_losses(self) -> list[list[str]]:
         path = self.path / "losses.csv"
@@ -122,8 +131,11 @@ class RunDir:
         atomic_write(self.path / "losses.csv", "".join(",".join(r) + "\r\n" for r in kept))
 
     def append_losses(self, epoch: int, losses: dict[str, float]) -> None:
-        with open(self.path / "losses.csv", "a", newline="") as f:
-            csv.writer(f).writerow([epoch] + [repr(losses[k]) for k in LOSS_COLUMNS])
+        try:
+            with open(self.path / "losses.csv", "a", newline="") as f:
+                csv.writer(f).writerow([epoch] + [repr(losses[k]) for k in LOSS_COLUMNS])
+        except OSError as err:
+            raise write_error(self.path / "losses.csv", err) from None
 
     # ---- checkpoint.pt, best_*.pth --------------------------------------------------------------------------------
 
@@ -139,11 +151,12 @@ class RunDir:
             raise UserError(f"{path}: the run has no checkpoint to resume from (it stopped before its first save); "
                             f"start a new run instead")
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:   # damaged, foreign, or holding objects that safe loading refuses
             raise UserError(f"{path}: not a loadable checkpoint ({type(err).__name__}; a damaged file, or one "
                             f"written by an older version or by someone else); start a new run instead") from None
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(checkpoint, dict) or checkpoint.get("format", 1) not in (1, CHECKPOINT_FORMAT):
             raise UserError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT} (written by another version "
                             f"of train_lstm_gan.py); start a new run instead")
         return checkpoint
@@ -153,7 +166,7 @@ class RunDir:
 
     def write_best(self, name: str, state_dict: dict, loss: float, epoch: int) -> None:
         self.save(self.path / f"{name}.pth", state_dict)
-        atomic_json(self.path / f"{name}.json", {"loss": loss, "epoch": epoch})
+        self.save(self.path / f"{name}.json", {"loss": loss, "epoch": epoch})
 
     def save_copy(self, source: Path, name: str) -> None:
         """A copy of source (the result notebook) in the run folder: complete or absent."""
@@ -163,8 +176,12 @@ class RunDir:
             raise write_error(self.path / name, err) from None
 
     def save(self, path: Path, obj) -> None:
+        """obj to path: JSON for a .json, torch.save otherwise; a failed write is one line."""
         try:
-            atomic_write(path, lambda tmp: torch.save(obj, tmp))
+            if path.suffix == ".json":
+                atomic_json(path, obj)
+            else:
+                atomic_write(path, lambda tmp: torch.save(obj, tmp))
         except OSError as err:
             raise write_error(path, err) from None
 

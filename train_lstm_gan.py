@@ -134,9 +134,15 @@ class TrainLSTMGAN(GANTrainerBase):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when training ends (or stops at a signal), 2 on bad input."""
+    """Exit 0 when training ends, 2 on bad input, 128 + the signal's number (130, 143) after a SIGINT or SIGTERM
+    stop (the epoch finished and checkpointed), as shells expect."""
     args = parse_arg(argv)
-    return cli(lambda: TrainLSTMGAN(args, argv).train())
+
+    def train() -> int:
+        trainer = TrainLSTMGAN(args, argv)
+        trainer.train()
+        return 0 if trainer.stopped_by is None else 128 + trainer.stopped_by
+    return cli(train)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def plot_test_cycles(pred: np.ndarray, y: np.ndarray, index: list[dict], stride:
                  fontsize=6)
         fig.tight_layout()
         p = out_dir / f"{it['file'].replace('/', '_')}.png"
-        fig.savefig(p, dpi=90)
+        atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
         plt.close(fig)
         paths.append(p)
     return paths
@@ -205,7 +205,11 @@ def load_test_data(args, scaler: dict | None) -> tuple[np.ndarray, np.ndarray, l
     if not p.is_file() or meta is None:
         raise lg_dataset.DataError(f"{p}: test windows (+ .json sidecar) not found; pass --raw-dir <LG folder> "
                                    f"or --test-data data/lg_test_300_data.npy")
-    a = np.load(p, mmap_mode="r")
+    try:
+        a = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise lg_dataset.DataError(f"{p}: damaged or not a numeric .npy array; restore it (git checkout "
+                                   f"data/lg_test_300_data.npy) or pass --raw-dir") from None
     if a.ndim != 3 or a.shape[1] != args.window or a.shape[2] < 4:
         raise lg_dataset.DataError(f"{p}: shape {a.shape}, expected [n, {args.window}, 4] (V, I, T, SOC)")
     X = np.ascontiguousarray(a[..., :3], np.float32)
@@ -221,32 +225,62 @@ def missing_test_files(index: list[dict]) -> list[str]:
 # -----------------------------------------------------------------------------
 # command line
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the share of windows kept for validation), got {text}")
+    return value
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """--out, or a new file under results/; an existing file is replaced only with --overwrite."""
+    if args.out is None:
+        return Path("results") / f"{int(time.time())}_soc_estimator" / "lg_positive_temp_300_steps.h5"
+    out = Path(args.out)
+    if out.exists() and not (args.overwrite or args.evaluate):
+        raise SOCModelError(f"{out}: exists; pass --overwrite to replace it, or another --out")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise SOCModelError(f"{out.parent}: not a folder; pass another --out")
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="train_soc_estimator.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-dir", help="LG HG2 folder with 0degC/ 10degC/ 25degC/ (Digatron .csv or .parquet tables)")
-    p.add_argument("--out", default="soc_models/lg_positive_temp_300_steps.h5", help="Keras .h5 to write")
+    p.add_argument("--out", default=None, help="Keras .h5 to write (default: results/<unix time>_soc_estimator/"
+                   "lg_positive_temp_300_steps.h5, a new file: the shipped model in soc_models/ is never the default)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (refused otherwise)")
     p.add_argument("--evaluate", metavar="MODEL", help="no training: test metrics and plots of a Keras model file")
     p.add_argument("--test-data", default="data/lg_test_300_data.npy",
                    help="shipped test windows, used when --raw-dir is not given")
-    p.add_argument("--window", type=int, default=300)
-    p.add_argument("--stride", type=int, default=300, help="training window stride")
-    p.add_argument("--test-stride", type=int, default=300)
-    p.add_argument("--val-split", type=float, default=0.2, help="last fraction of the windows (as Keras)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--window", type=_at_least(1), default=300)
+    p.add_argument("--stride", type=_at_least(1), default=300, help="training window stride")
+    p.add_argument("--test-stride", type=_at_least(1), default=300)
+    p.add_argument("--val-split", type=_fraction, default=0.2, help="last fraction of the windows (as Keras)")
+    p.add_argument("--batch-size", type=_at_least(1), default=32)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--lr-decay", choices=["none", "cosine", "step"], default="none")
     p.add_argument("--min-lr", type=float, default=1e-5, help="floor of the cosine/step decay")
     p.add_argument("--step-every", type=int, default=10, help="step decay: epochs between reductions")
     p.add_argument("--gamma", type=float, default=0.5, help="step decay factor")
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--patience", type=int, default=50)
+    p.add_argument("--epochs", type=_at_least(1), default=1000)
+    p.add_argument("--patience", type=_at_least(1), default=50)
     p.add_argument("--average-from", type=int, default=0, metavar="EPOCH",
                    help="from this epoch on, also keep the running mean of the end-of-epoch weights (stochastic weight "
                         "averaging) and export it when its validation loss is the best (0: off, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--init", metavar="MODEL", help="start from the weights of this Keras .h5 (fine-tuning, e.g. the "
                    "authors' model on your own cells) instead of a random initialisation")
     p.add_argument("--checkpoint", help="default: <out>.ckpt.pt")
@@ -255,23 +289,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_raw_dir(args: argparse.Namespace) -> tuple:
+    """(X, y, index) of the training windows and load_test_data's tuple, scaled with the training files' scaler."""
+    if not args.raw_dir:
+        raise lg_dataset.DataError("training needs --raw-dir <LG folder with 0degC/ 10degC/ 25degC/>")
+    raw = Path(args.raw_dir)
+    lg_dataset.check_raw_dir(raw, lg_dataset.file_list("train") + lg_dataset.file_list("test"))
+    scaler = lg_dataset.fit_scaler(lg_dataset.load_files(raw, lg_dataset.file_list("train"), required=True)[1])
+    X, y, tr_index = lg_dataset.soc_windows(raw, "train", args.window, args.stride, scaler)
+    Xte, yte, index, _ = load_test_data(args, scaler)
+    if not len(Xte) or len(X) < 2:
+        raise lg_dataset.DataError(f"{raw}: {len(X)} training and {len(Xte)} test windows of {args.window} "
+                                   f"steps; the folder needs the paper's training and test files")
+    return X, y, tr_index, (Xte, yte, index, scaler)
+
+
+def check_checkpoint_path(ckpt: Path, args: argparse.Namespace) -> None:
+    """--resume needs the checkpoint; without it an existing one (another run's) is replaced only with --overwrite."""
+    if args.resume and not ckpt.is_file():
+        raise SOCModelError(f"{ckpt}: no checkpoint to resume; pass the --out (or --checkpoint) of the run "
+                            f"to resume, or drop --resume")
+    if not args.resume and ckpt.exists() and not args.overwrite:
+        raise SOCModelError(f"{ckpt}: a checkpoint of another run is there; pass --resume to continue it, "
+                            f"--overwrite to replace it, or another --out")
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device, _ = resolve_device(args.device)
-    out = Path(args.out)
+    out = output_path(args)
     plots = Path(args.plots_dir) if args.plots_dir else out.parent / "test_cycles"
     if args.evaluate:
         model = load_keras_h5(args.evaluate).to(device)
         Xte, yte, index, scaler = load_test_data(args, None)
         ck, side = None, {}
     else:
-        if not args.raw_dir:
-            raise lg_dataset.DataError("training needs --raw-dir <LG folder with 0degC/ 10degC/ 25degC/>")
-        raw = Path(args.raw_dir)
-        scaler = lg_dataset.fit_scaler(lg_dataset.load_files(raw, lg_dataset.file_list("train"), required=True)[1])
-        X, y, tr_index = lg_dataset.soc_windows(raw, "train", args.window, args.stride, scaler)
+        X, y, tr_index, (Xte, yte, index, scaler) = read_raw_dir(args)   # every input before the first write
         k = int(len(X) * (1 - args.val_split))  # Keras' validation_split: the last fraction, before shuffling
         print(f"{len(X)} training windows ({k} train, {len(X) - k} validation), device {device}, "
               f"{torch.get_num_threads()} threads", flush=True)
@@ -279,12 +334,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         cfg = {key: getattr(args, key) for key in ("lr", "lr_decay", "min_lr", "step_every", "gamma", "epochs",
                                                    "patience", "batch_size", "seed", "average_from")}
         ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.pt")
+        check_checkpoint_path(ckpt, args)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ck = train(model, X[:k], y[:k], X[k:], y[k:], cfg, ckpt, device, resume=args.resume,
                    log=lambda s: print(s, flush=True))
         save_keras_h5(model.cpu(), out)
         model.to(device)
-        Xte, yte, index, _ = load_test_data(args, scaler)
         side = {"train_files": [it["file"] for it in tr_index], "train_windows": k, "val_windows": len(X) - k,
                 "config": cfg, "init": args.init, "epochs_run": ck["epoch"], "best_epoch": ck["best_epoch"],
                 "best_source": ck.get("best_source"),

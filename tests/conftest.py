@@ -82,3 +82,14 @@ def make_tiny_run(data: Path, soc_model: Path, results: Path, *extra: str) -> Pa
 def tiny_run(tiny_data, soc_model, tmp_path_factory) -> Path:
     """A tiny trained run of this test module's own (a module may write into it)."""
     return make_tiny_run(tiny_data, soc_model, tmp_path_factory.mktemp("run") / "results")
+
+
+@pytest.fixture
+def mini_lists(monkeypatch):
+    """The paper's lists cut to the files of the real miniature raw folder tests/fixtures/mini (one train + one
+    test file per temperature)."""
+    import lg_dataset
+    monkeypatch.setattr(lg_dataset, "PAPER_TRAIN_FILES",
+                        {"0degC": ["589_Mixed1"], "10degC": ["567_Mixed1"], "25degC": ["551_Mixed1"]})
+    monkeypatch.setattr(lg_dataset, "PAPER_TEST_FILES",
+                        {"0degC": ["589_UDDS"], "10degC": ["576_UDDS", "582_LA92"], "25degC": ["551_UDDS"]})

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import lg_dataset
 import train_soc_estimator as ts
 from soc_estimator import SOCEstimator, SOCLSTM
 
@@ -99,15 +98,6 @@ def test_early_stopping_restores_best(tmp_path):
     assert ck["epoch"] < 50 and ck["epoch"] - ck["best_epoch"] == 2
     best = ck["best_state"]
     assert all(torch.equal(best[k], v) for k, v in m.state_dict().items())
-
-
-@pytest.fixture
-def mini_lists(monkeypatch):
-    """The paper's lists cut to the files of the real miniature raw folder (one train + one test per temp)."""
-    monkeypatch.setattr(lg_dataset, "PAPER_TRAIN_FILES",
-                        {"0degC": ["589_Mixed1"], "10degC": ["567_Mixed1"], "25degC": ["551_Mixed1"]})
-    monkeypatch.setattr(lg_dataset, "PAPER_TEST_FILES",
-                        {"0degC": ["589_UDDS"], "10degC": ["576_UDDS", "582_LA92"], "25degC": ["551_UDDS"]})
 
 
 def test_cli_trains_evaluates_and_writes_everything(tmp_path, mini_lists, capsys):

@@ -1,0 +1,398 @@
+"""Issue 16, as a hostile user would try it, on tiny shapes: safe loading (no payload runs), one writer per run,
+the shipped SOC model never overwritten, late crashes caught at start, every bad input one line + exit 2 with
+nothing written, atomic writes, resume only on the run's own data, signals -> 130 / 143 after the checkpoint."""
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import generate
+import lg_dataset
+import run_dir
+import soc_estimator
+import train_soc_estimator as ts
+from common import atomic_write
+from conftest import read_losses, run_dirs, tiny_args
+from soc_estimator import SOCLSTM, save_keras_h5
+from train_lstm_gan import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT / "tests" / "fixtures" / "mini"
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def one_line_exit_2(code: int, capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def run(tiny_data, soc_model, tmp_path) -> Path:
+    """A finished 2-epoch run (checkpoint at epoch 2)."""
+    assert main(tiny_args(tiny_data, soc_model, tmp_path / "results", "-e", "2")) == 0
+    return run_dirs(tmp_path / "results")[0]
+
+
+def resume(run: Path, *extra: str) -> int:
+    return main(["-r", run.name, "--results-dir", str(run.parent), *extra])
+
+
+# ---- 1. safe loading ---------------------------------------------------------------------------------------------
+
+def test_a_checkpoint_with_a_payload_is_refused_and_never_runs(run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "extra": Payload(marker)}, run / "checkpoint.pt")
+    before = files(run)
+    err = one_line_exit_2(resume(run, "-e", "3"), capsys)
+    assert "checkpoint.pt" in err and "start a new run" in err
+    assert not marker.exists() and files(run) == before
+
+
+def test_the_soc_trainers_checkpoint_with_a_payload_is_refused(tmp_path, mini_lists, capsys):
+    marker, ckpt = tmp_path / "pwned", tmp_path / "m.ckpt.pt"
+    torch.save({"model": {}, "opt": {}, "epoch": 1, "history": [], "x": Payload(marker)}, ckpt)
+    code = ts.main(["--raw-dir", str(MINI), "--out", str(tmp_path / "m.h5"), "--window", "40", "--stride", "40",
+                    "--test-stride", "40", "--epochs", "2", "--device", "cpu", "--resume"])
+    assert "m.ckpt.pt" in one_line_exit_2(code, capsys)
+    assert not marker.exists() and not (tmp_path / "m.h5").exists()
+
+
+def test_checkpoints_hold_only_safe_types(run):
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)   # raises on anything but safe types
+    assert ckpt["format"] == run_dir.CHECKPOINT_FORMAT and "history" not in ckpt
+    for name in ("best_generator.pth", "best_discriminator.pth"):
+        torch.load(run / name, weights_only=True)
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes_exactly(tiny_data, soc_model, tmp_path):
+    """Format 1 (before safe loading): numpy's RNG state as an array, the loss history inside, no format key. It
+    loads with weights_only=True plus numpy's array reconstruction, and the resumed run equals a straight one."""
+    straight = tmp_path / "straight"
+    assert main(tiny_args(tiny_data, soc_model, straight, "-e", "4")) == 0
+    old = tmp_path / "old"
+    assert main(tiny_args(tiny_data, soc_model, old, "-e", "2")) == 0
+    [run] = run_dirs(old)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    name, keys, pos, has_gauss, cached = ckpt["rng"][0]["numpy"]
+    ckpt["rng"][0]["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+    ckpt["history"] = {"g_loss": [0.0, 0.0]}
+    del ckpt["format"]
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert resume(run, "-e", "4") == 0
+    assert read_losses(run) == read_losses(run_dirs(straight)[0])
+
+
+# ---- 2. one writer per run ---------------------------------------------------------------------------------------
+
+def test_a_second_writer_on_a_run_is_refused(run, capsys):
+    before = files(run)
+    fd = os.open(run, os.O_RDONLY)   # what a training process holds for its whole run
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another process" in one_line_exit_2(resume(run, "-e", "3"), capsys)
+    finally:
+        os.close(fd)
+    assert files(run) == before
+    assert resume(run, "-e", "3") == 0   # the lock goes with its process
+
+
+# ---- 3. the SOC trainer never overwrites the shipped model -------------------------------------------------------
+
+def test_soc_trainer_defaults_to_a_new_file_and_refuses_to_replace_one(tmp_path, mini_lists, capsys):
+    default = ts.output_path(ts.parse_args(["--raw-dir", str(MINI)]))
+    assert default.parts[0] == "results" and "soc_models" not in default.parts
+    out = tmp_path / "m.h5"
+    out.write_bytes(b"precious")
+    code = ts.main(["--raw-dir", str(MINI), "--out", str(out), "--window", "40", "--device", "cpu"])
+    assert "--overwrite" in one_line_exit_2(code, capsys)
+    assert out.read_bytes() == b"precious" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_soc_trainer_keeps_another_runs_checkpoint(tmp_path, mini_lists, capsys):
+    ckpt = tmp_path / "m.ckpt.pt"
+    ckpt.write_bytes(b"another run")
+    code = ts.main(["--raw-dir", str(MINI), "--out", str(tmp_path / "m.h5"), "--window", "40", "--stride", "40",
+                    "--test-stride", "40", "--epochs", "1", "--device", "cpu"])
+    assert "--resume" in one_line_exit_2(code, capsys)
+    assert ckpt.read_bytes() == b"another run" and sorted(tmp_path.iterdir()) == [ckpt]
+
+
+def test_soc_trainer_validates_the_test_files_before_writing(tmp_path, mini_lists, capsys):
+    raw = tmp_path / "raw"
+    shutil.copytree(MINI, raw)
+    for p in raw.rglob("*"):
+        if p.is_file() and "Mixed" not in p.name:
+            p.unlink()   # training files only
+    out = tmp_path / "out" / "m.h5"
+    out.parent.mkdir()
+    code = ts.main(["--raw-dir", str(raw), "--out", str(out), "--window", "40", "--stride", "40", "--test-stride",
+                    "40", "--epochs", "1", "--device", "cpu"])
+    one_line_exit_2(code, capsys)
+    assert list(out.parent.iterdir()) == []
+
+
+# ---- 4. late crashes caught at start, a diverged generator recorded ----------------------------------------------
+
+@pytest.mark.parametrize("case", ["ess_1", "socs_T-1", "soc_4_inputs", "scaler_2_values", "gp_nan"])
+def test_what_would_crash_at_the_first_snapshot_is_refused_at_start(case, tiny_data, soc_model, tmp_path, capsys):
+    data, model, extra = tiny_data, soc_model, []
+    if case == "ess_1":
+        extra = ["-ess", "1"]
+    elif case == "socs_T-1":
+        extra = ["-socs", "39"]
+    elif case == "soc_4_inputs":
+        model = tmp_path / "soc4.h5"
+        save_keras_h5(SOCLSTM(n_features=4), model)
+    elif case == "scaler_2_values":
+        data = tmp_path / "d.npy"
+        shutil.copyfile(tiny_data, data)
+        data.with_suffix(".json").write_text(json.dumps({"scaler": {"min": [0, 0], "max": [1, 1]}}))
+    elif case == "gp_nan":
+        extra = ["-gp", "nan"]
+    if case == "gp_nan":
+        with pytest.raises(SystemExit) as exc:
+            main(tiny_args(data, model, tmp_path / "results", "-e", "1", "-s", "1", *extra))
+        one_line_exit_2(exc.value.code, capsys)
+    else:
+        one_line_exit_2(main(tiny_args(data, model, tmp_path / "results", "-e", "1", "-s", "1", *extra)), capsys)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_diverged_generator_is_recorded_and_the_checkpoint_written(tiny_data, soc_model, tmp_path):
+    from arg_parser import parse_arg
+    from train_lstm_gan import TrainLSTMGAN
+    argv = tiny_args(tiny_data, soc_model, tmp_path / "results", "-e", "2", "-s", "2")
+    trainer = TrainLSTMGAN(parse_arg(argv), argv)
+    with torch.no_grad():
+        trainer.G.lstm_5.bias_ih_l0.fill_(float("nan"))
+    trainer.train()
+    [run] = run_dirs(tmp_path / "results")
+    assert json.loads((run / "2_epoch" / "metrics.json").read_text())["nonfinite_share"] == 1.0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+# ---- 5. every bad input: one line, exit 2, nothing written -------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--model-scale", "nan"], ["--model-scale", "inf"], ["-glr", "-1e-4"],
+                                   ["-dlr", "-1"], ["-gab1", "1.0"], ["-dab2", "-0.1"]])
+def test_bad_numbers_are_one_line(flags, tiny_data, soc_model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_args(tiny_data, soc_model, tmp_path / "results", *flags))
+    one_line_exit_2(exc.value.code, capsys)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_sidecar_that_is_not_an_object(tiny_data, soc_model, tmp_path, capsys):
+    data = tmp_path / "d.npy"
+    shutil.copyfile(tiny_data, data)
+    data.with_suffix(".json").write_text("[1, 2]")
+    assert "d.json" in one_line_exit_2(main(tiny_args(data, soc_model, tmp_path / "results")), capsys)
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("damage", ["losses_deleted", "losses_damaged", "config_deleted", "config_list"])
+def test_resume_of_a_damaged_run(damage, run, capsys):
+    name = "losses.csv" if damage.startswith("losses") else "config.json"
+    if damage.endswith("deleted"):
+        (run / name).unlink()
+    else:
+        (run / name).write_text("[1, 2]" if name == "config.json" else "garbage\nx,y\n")
+    before = files(run)
+    assert name in one_line_exit_2(resume(run, "-e", "3"), capsys)
+    assert files(run) == before
+
+
+def test_a_results_dir_that_is_a_file(tiny_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.write_text("not a folder")
+    one_line_exit_2(main(tiny_args(tiny_data, soc_model, results)), capsys)
+    assert results.read_text() == "not a folder"
+
+
+def test_disk_full_while_writing_the_checkpoint(run, monkeypatch, capsys):
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_dir.torch, "save", full)
+    assert "free some space" in one_line_exit_2(resume(run, "-e", "3"), capsys)
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("config", [{}, [1, 2]])
+def test_generate_with_a_broken_config(config, tiny_run, tmp_path, capsys):
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "x.csv"
+    code = generate.main(["-r", run.name, "--results-dir", str(tmp_path), "-o", str(out), "--device", "cpu"])
+    assert "config.json" in one_line_exit_2(code, capsys)
+    assert not out.exists()
+
+
+def test_evaluate_with_one_sample(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "--n-samples", "1"])
+    one_line_exit_2(exc.value.code, capsys)
+
+
+@pytest.mark.parametrize("case", ["npz", "missing_folder", "threads", "bench", "random_bytes"])
+def test_soc_estimator_cli(case, soc_model, tmp_path, capsys):
+    seq = tmp_path / "seq.npy"
+    np.save(seq, np.random.default_rng(0).random((2, 30, 3), dtype=np.float32))
+    argv = ["--model", str(soc_model), "--input", str(seq), "--output", str(tmp_path / "so_out"), "--window", "20",
+            "--device", "cpu"]
+    if case == "npz":
+        np.savez(tmp_path / "seq.npz", x=np.zeros((2, 30, 3)))
+        argv[3] = str(tmp_path / "seq.npz")
+    elif case == "missing_folder":
+        argv[5] = str(tmp_path / "nope" / "so_out")
+    elif case == "random_bytes":
+        seq.write_bytes(os.urandom(256))
+    if case in ("threads", "bench"):
+        with pytest.raises(SystemExit) as exc:
+            soc_estimator.main(argv + (["--threads", "-2"] if case == "threads" else ["--bench", "-3"]))
+        one_line_exit_2(exc.value.code, capsys)
+    else:
+        err = one_line_exit_2(soc_estimator.main(argv), capsys)
+        assert "unsafe" not in err and "allow_pickle" not in err
+    assert not list(tmp_path.glob("so_out*"))
+
+
+def test_soc_estimator_says_the_file_it_wrote(soc_model, tmp_path, capsys):
+    seq = tmp_path / "seq.npy"
+    np.save(seq, np.random.default_rng(0).random((2, 30, 3), dtype=np.float32))
+    assert soc_estimator.main(["--model", str(soc_model), "--input", str(seq), "--output", str(tmp_path / "so_out"),
+                               "--window", "20", "--device", "cpu"]) == 0
+    assert f"wrote {tmp_path / 'so_out.npy'}" in capsys.readouterr().out
+    assert (tmp_path / "so_out.npy").is_file()
+
+
+@pytest.mark.parametrize("scaler", ["{not json", '{"scaler": "minmax"}',
+                                    '{"scaler": {"min": [1, 2, 3], "max": [1, 5, 6]}}'])
+def test_lg_dataset_refuses_a_bad_scaler(scaler, tmp_path, capsys):
+    side = tmp_path / "side.json"
+    side.write_text(scaler)
+    out = tmp_path / "w.npy"
+    code = lg_dataset.main(["--raw-dir", str(MINI), "--out", str(out), "--files", "0degC/589_Mixed1",
+                            "--seq-len", "100", "--scaler-from", str(side)])
+    one_line_exit_2(code, capsys)
+    assert not out.exists()
+
+
+def test_lg_dataset_plot_to_an_unknown_format(tmp_path, capsys):
+    code = lg_dataset.main(["--raw-dir", str(MINI), "--out", str(tmp_path / "x.xyz"), "--plot", "0degC/589_Mixed1"])
+    assert ".xyz" in one_line_exit_2(code, capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [["--device", "foo"], ["--val-split", "1.0"], ["--batch-size", "0"],
+                                   ["--window", "0"], ["damaged_test_data"]])
+def test_soc_trainer_bad_input(flags, tmp_path, capsys):
+    if flags == ["damaged_test_data"]:
+        bad = tmp_path / "t.npy"
+        bad.write_bytes(b"\x93NUMPY garbage")
+        bad.with_suffix(".json").write_text(json.dumps({"file_index": [], "scaler": None}))
+        flags = ["--evaluate", str(ROOT / "soc_models" / "lg_positive_temp_300_steps.h5"), "--test-data", str(bad),
+                 "--plots-dir", str(tmp_path / "plots")]
+    try:
+        code = ts.main(["--out", str(tmp_path / "m.h5"), *flags])
+    except SystemExit as exc:
+        code = exc.code
+    one_line_exit_2(code, capsys)
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["t.npy", "t.json"], ["t.json", "t.npy"])
+
+
+# ---- 6. atomic writes ------------------------------------------------------------------------------------------
+
+def test_atomic_write_keeps_the_old_file_and_no_temporary_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def half_then_full(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError):
+        atomic_write(path, half_then_full)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_failed_notebook_copy_leaves_no_partial_file(tiny_data, soc_model, tmp_path, monkeypatch, capsys):
+    def full(src, dst):
+        Path(dst).write_text("{trunc")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_dir.shutil, "copyfile", full)
+    one_line_exit_2(main(tiny_args(tiny_data, soc_model, tmp_path / "results")), capsys)
+    [run] = run_dirs(tmp_path / "results")
+    assert not (run / "result.ipynb").exists() and not list(run.glob(".*"))
+
+
+# ---- 7, 8, 9: other data, a constant scaler, messages ------------------------------------------------------------
+
+def test_resume_on_other_data_is_refused(run, tmp_path, capsys):
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(json.loads((run / "config.json").read_text())["data_path"]) * 0.5)
+    before = files(run)
+    assert "SHA-256" in one_line_exit_2(resume(run, "-d", str(other), "-e", "3"), capsys)
+    assert files(run) == before
+
+
+def test_a_ragged_csv_row_is_reported_as_such(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("Time [min],Voltage [V],Current [A],Temperature [degC],Capacity [Ah]\n0,4,1,25,0\n1,4,1,25,0,9,9\n")
+    with pytest.raises(lg_dataset.DataError, match="malformed CSV"):
+        lg_dataset.read_discharge(csv)
+
+
+def test_a_missing_raw_dir_is_reported_as_such(tmp_path, capsys):
+    code = ts.main(["--raw-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.h5")])
+    assert "raw data folder not found" in one_line_exit_2(code, capsys)
+
+
+def test_resume_of_an_empty_run_name(run, capsys):
+    before = files(run.parent)
+    assert "no such run" in one_line_exit_2(main(["-r", "", "--results-dir", str(run.parent)]), capsys)
+    assert files(run.parent) == before
+
+
+# ---- 10. signals ----------------------------------------------------------------------------------------------
+
+def test_sigterm_exits_143_after_the_checkpoint(tiny_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(tiny_data, soc_model, results, "-e", "500")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dirs(results) and len(read_losses(run_dirs(results)[0])) > 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    [run] = run_dirs(results)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == len(read_losses(run)) - 1
