@@ -2,7 +2,7 @@
 import argparse
 import math
 
-from common import OneLineParser
+from common import OneLineParser, int_at_least
 
 PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
 
@@ -21,18 +21,7 @@ PRESETS = {
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_int, _non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def _non_negative_float(text: str) -> float:

@@ -23,6 +23,16 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
 def cli(run: Callable[[], object]) -> int:
     """A command's main: its UserError becomes `error: ...` on stderr and exit code 2; an int that run returns is
     the exit code, anything else means 0."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import metrics
-from common import OneLineParser, UserError, atomic_json, atomic_write, cli, resolve_device
+from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
 from generate import real_steps, synthesize
 from run_dir import RunDir
 
@@ -206,21 +206,6 @@ def epoch_arg(text: str) -> int | str:
     return int(text)
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def at_least_4(text: str) -> int:
-    """PCA, t-SNE and the unbiased MMD need a few sequences per set."""
-    value = int(text)
-    if value < 4:
-        raise argparse.ArgumentTypeError(f"must be at least 4, got {text}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # learning curve
 
@@ -297,17 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="only the cheap metrics (no post-hoc model training)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sample and post-hoc model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--generate", type=positive, default=None, metavar="N",
+    p.add_argument("--generate", type=int_at_least(1), default=None, metavar="N",
                    help="evaluate N freshly generated sequences instead of the epoch's fake_data.npy")
-    p.add_argument("--n-samples", type=at_least_4, default=1000,
-                   help="sequences per set for the post-hoc models, PCA/t-SNE and plots")
-    p.add_argument("--epochs", type=positive, default=20, help="training epochs of the post-hoc GRUs")
-    p.add_argument("--hidden", type=positive, default=32, help="hidden size of the post-hoc GRUs")
-    p.add_argument("--tstr-epochs", type=positive, default=20, help="training epochs of the TSTR/TRTR SOC LSTM")
-    p.add_argument("--tstr-hidden", type=positive, default=256, help="SOC LSTM width (256 = the paper's)")
-    p.add_argument("--tstr-batch-size", type=positive, default=128, help="batch size of the TSTR/TRTR SOC LSTM")
-    p.add_argument("--tstr-max-windows", type=positive, default=4000, help="training windows for TSTR and TRTR")
-    p.add_argument("--tstr-max-test", type=positive, default=None, help="test windows used (default: all)")
+    p.add_argument("--n-samples", type=int_at_least(4), default=1000,
+                   help="sequences per set for the post-hoc models, PCA/t-SNE and plots (at least 4: PCA, t-SNE "
+                        "and the unbiased MMD need a few per set)")
+    p.add_argument("--epochs", type=int_at_least(1), default=20, help="training epochs of the post-hoc GRUs")
+    p.add_argument("--hidden", type=int_at_least(1), default=32, help="hidden size of the post-hoc GRUs")
+    p.add_argument("--tstr-epochs", type=int_at_least(1), default=20, help="training epochs of the TSTR/TRTR SOC LSTM")
+    p.add_argument("--tstr-hidden", type=int_at_least(1), default=256, help="SOC LSTM width (256 = the paper's)")
+    p.add_argument("--tstr-batch-size", type=int_at_least(1), default=128, help="batch size of the TSTR/TRTR SOC LSTM")
+    p.add_argument("--tstr-max-windows", type=int_at_least(1), default=4000, help="training windows for TSTR and TRTR")
+    p.add_argument("--tstr-max-test", type=int_at_least(1), default=None, help="test windows used (default: all)")
     p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
                    help="aligned: real and synthetic over the same steps; paper: real steps 0..L-1 vs synthetic "
                         "steps T-L-1..T-2, as the original")

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import OneLineParser, UserError, atomic_npy, atomic_write, cli
+from common import OneLineParser, UserError, atomic_npy, atomic_write, cli, int_at_least
 
 
 class SOCModelError(UserError):
@@ -392,15 +392,6 @@ def bench(est: SOCEstimator, n: int, steps: int, window: int, batch_size: int) -
             "threads": torch.get_num_threads()}
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-    return parse
-
-
 def read_sequences(path: str) -> np.ndarray:
     """A .npy array, read without pickle (a pickled file could run code)."""
     if not path.endswith(".npy"):
@@ -417,14 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="soc_models/lg_positive_temp_300_steps.h5")
     p.add_argument("--input", help=".npy float [n, T, >=3]: columns 0..2 = scaled V, I, T")
     p.add_argument("--output", help=".npy to write: float32 [n, T - window + 1] SOC in [0, 1]")
-    p.add_argument("--window", type=_count(1), default=300)
-    p.add_argument("--batch-size", type=_count(1), default=2048)
+    p.add_argument("--window", type=int_at_least(1), default=300)
+    p.add_argument("--batch-size", type=int_at_least(1), default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["torch", "keras"], default="torch")
-    p.add_argument("--threads", type=_count(0), default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--bench", type=_count(0), default=0, metavar="N",
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--bench", type=int_at_least(0), default=0, metavar="N",
                    help="instead of labelling, time N random sequences of --bench-steps steps")
-    p.add_argument("--bench-steps", type=_count(1), default=600)
+    p.add_argument("--bench-steps", type=int_at_least(1), default=600)
     a = p.parse_args(argv)
     return cli(lambda: label_command(a))
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 import lg_dataset
-from common import OneLineParser, atomic_write, cli, resolve_device
+from common import OneLineParser, atomic_write, cli, int_at_least, resolve_device
 from soc_estimator import SOCLSTM, SOCModelError, load_keras_h5, save_keras_h5
 
 
@@ -225,15 +225,6 @@ def missing_test_files(index: list[dict]) -> list[str]:
 # -----------------------------------------------------------------------------
 # command line
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-    return parse
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -263,24 +254,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evaluate", metavar="MODEL", help="no training: test metrics and plots of a Keras model file")
     p.add_argument("--test-data", default="data/lg_test_300_data.npy",
                    help="shipped test windows, used when --raw-dir is not given")
-    p.add_argument("--window", type=_at_least(1), default=300)
-    p.add_argument("--stride", type=_at_least(1), default=300, help="training window stride")
-    p.add_argument("--test-stride", type=_at_least(1), default=300)
+    p.add_argument("--window", type=int_at_least(1), default=300)
+    p.add_argument("--stride", type=int_at_least(1), default=300, help="training window stride")
+    p.add_argument("--test-stride", type=int_at_least(1), default=300)
     p.add_argument("--val-split", type=_fraction, default=0.2, help="last fraction of the windows (as Keras)")
-    p.add_argument("--batch-size", type=_at_least(1), default=32)
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--lr-decay", choices=["none", "cosine", "step"], default="none")
     p.add_argument("--min-lr", type=float, default=1e-5, help="floor of the cosine/step decay")
     p.add_argument("--step-every", type=int, default=10, help="step decay: epochs between reductions")
     p.add_argument("--gamma", type=float, default=0.5, help="step decay factor")
-    p.add_argument("--epochs", type=_at_least(1), default=1000)
-    p.add_argument("--patience", type=_at_least(1), default=50)
+    p.add_argument("--epochs", type=int_at_least(1), default=1000)
+    p.add_argument("--patience", type=int_at_least(1), default=50)
     p.add_argument("--average-from", type=int, default=0, metavar="EPOCH",
                    help="from this epoch on, also keep the running mean of the end-of-epoch weights (stochastic weight "
                         "averaging) and export it when its validation loss is the best (0: off, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--init", metavar="MODEL", help="start from the weights of this Keras .h5 (fine-tuning, e.g. the "
                    "authors' model on your own cells) instead of a random initialisation")
     p.add_argument("--checkpoint", help="default: <out>.ckpt.pt")
