@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from common import OneLineParser, UserError, atomic_npy, atomic_write, cli, resolve_device
 from run_dir import RunDir
@@ -101,36 +102,39 @@ def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, dev
     return out
 
 
-def label(soc, sequences: np.ndarray, window: int, first: int, length: int) -> np.ndarray:
+def label(soc, sequences: np.ndarray, window: int, first: int, length: int, progress: bool = False) -> np.ndarray:
     """V, I, T of steps first..first+length-1 plus the estimator's SOC of the window ending at each step. A sequence
     with NaN/inf (a diverged generator) gets a NaN SOC instead of stopping the labelling."""
-    # ~3 MB of activations per 300-step window: CPU batches stay small
-    batch = 2048 if soc.device.type == "cuda" else 256
+    # ~3 MB of activations per 300-step window: CPU batches stay small; the labelling is the slow part on a CPU
+    # (301 windows of 300 steps per sequence), so it goes 16 sequences at a time under a progress bar
+    batch, per_chunk = (2048, 256) if soc.device.type == "cuda" else (256, 16)
     out = np.full((len(sequences), length, 4), np.nan, np.float32)
     out[..., :3] = sequences[:, first:first + length]
     finite = np.flatnonzero(np.isfinite(sequences).all(axis=(1, 2)))
-    for start in range(0, len(finite), 256):   # bounded memory whatever n
-        rows = finite[start:start + 256]
-        socs = soc.label(sequences[rows], window=window, batch_size=batch)   # column k: window ending at window-1+k
-        out[rows, :, 3] = socs[:, first - (window - 1):first - (window - 1) + length]
+    with tqdm(total=len(finite), desc="SOC labelling", unit="seq", disable=not progress) as bar:
+        for start in range(0, len(finite), per_chunk):   # bounded memory whatever n
+            rows = finite[start:start + per_chunk]
+            socs = soc.label(sequences[rows], window=window, batch_size=batch)   # column k: window ending at window-1+k
+            out[rows, :, 3] = socs[:, first - (window - 1):first - (window - 1) + length]
+            bar.update(len(rows))
     return out
 
 
 def labelled_sequences(generator: torch.nn.Module, soc, n: int, seed: int, window: int, batch_size: int,
-                       device: torch.device, steps: str = "paper") -> tuple[np.ndarray, int]:
+                       device: torch.device, steps: str = "paper", progress: bool = False) -> tuple[np.ndarray, int]:
     """n generated sequences labelled by the SOC estimator, the kept steps only -> ([n, L, 4] scaled V, I, T +
     SOC, first generated step kept). The trainer's epoch snapshot, generate.py and evaluate.py all use this."""
     first, length = steps_kept(generator.seq_len, window, steps)
-    return label(soc, generate(generator, n, seed, batch_size, device), window, first, length), first
+    return label(soc, generate(generator, n, seed, batch_size, device), window, first, length, progress), first
 
 
 def synthesize(run_dir: Path, config: dict, epoch_dir: Path, n: int, seed: int, device: torch.device,
-               batch_size: int = 256, steps: str = "paper") -> tuple[np.ndarray, int]:
+               batch_size: int = 256, steps: str = "paper", progress: bool = False) -> tuple[np.ndarray, int]:
     """Labelled synthetic sequences [n, L, 4] (scaled V, I, T + SOC) and the first generated step they start at."""
     generator = load_generator(config, epoch_dir, device)
     soc = load_soc(config, run_dir, device)
     return labelled_sequences(generator, soc, n, seed, config["args"]["soc_estimator_step"], batch_size, device,
-                              steps)
+                              steps, progress)
 
 
 def to_physical(x: np.ndarray, scaler: dict) -> np.ndarray:
@@ -203,7 +207,8 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError(f"{run_dir / 'config.json'}: the run has no scaler (its data file had no .json "
                             f"sidecar), so physical units are unknown; pass --scaled")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed, device, args.batch_size, args.steps)
+    x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed, device, args.batch_size, args.steps,
+                          progress=True)
     columns = SCALED_COLUMNS if args.scaled else COLUMNS
     if not args.scaled:
         x = to_physical(x, scaler)
