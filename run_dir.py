@@ -128,7 +128,10 @@ class RunDir:
         """Rows written after the checkpoint are dropped: they will be trained again."""
         rows = self.read_losses()
         kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= epoch]
-        atomic_write(self.path / "losses.csv", "".join(",".join(r) + "\r\n" for r in kept))
+        try:
+            atomic_write(self.path / "losses.csv", "".join(",".join(r) + "\r\n" for r in kept))
+        except OSError as err:
+            raise write_error(self.path / "losses.csv", err) from None
 
     def append_losses(self, epoch: int, losses: dict[str, float]) -> None:
         try:

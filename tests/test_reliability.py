@@ -245,6 +245,15 @@ def test_disk_full_while_writing_the_checkpoint(run, monkeypatch, capsys):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
+def test_resume_in_a_read_only_run_folder(run, monkeypatch, capsys):
+    def read_only(path, _content):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(run_dir, "atomic_write", read_only)   # root ignores chmod: the file system says no
+    before = files(run)
+    assert "check that the folder is writable" in one_line_exit_2(resume(run, "-e", "3"), capsys)
+    assert files(run) == before
+
+
 @pytest.mark.parametrize("config", [{}, [1, 2]])
 def test_generate_with_a_broken_config(config, tiny_run, tmp_path, capsys):
     run = tmp_path / tiny_run.name
