@@ -4,6 +4,10 @@ import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 # Tiny shapes run fastest on one thread, and the CI machine's two cores are shared with subprocesses.
@@ -62,6 +66,19 @@ def run_dirs(results: Path) -> list[Path]:
 def read_losses(run: Path) -> list[list[str]]:
     with open(run / "losses.csv", newline="") as f:
         return list(csv.reader(f))
+
+
+def stop_training(data: Path, soc_model: Path, results: Path, signum: signal.Signals) -> tuple[int, str]:
+    """Start a long tiny run, send signum once a few epochs are recorded -> (exit code, stdout)."""
+    cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(data, soc_model, results, "-e", "500")]
+    proc = subprocess.Popen(cmd, cwd=results.parent, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dirs(results) and len(read_losses(run_dirs(results)[0])) > 2):
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
 
 
 def make_tiny_run(data: Path, soc_model: Path, results: Path, *extra: str) -> Path:

@@ -7,9 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import run_dir
 import soc_estimator
 import train_soc_estimator as ts
 from common import atomic_write
-from conftest import read_losses, run_dirs, tiny_args
+from conftest import read_losses, run_dirs, stop_training, tiny_args
 from soc_estimator import SOCLSTM, save_keras_h5
 from train_lstm_gan import main
 
@@ -394,14 +391,7 @@ def test_resume_of_an_empty_run_name(run, capsys):
 
 def test_sigterm_exits_143_after_the_checkpoint(tiny_data, soc_model, tmp_path):
     results = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(tiny_data, soc_model, results, "-e", "500")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_dirs(results) and len(read_losses(run_dirs(results)[0])) > 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    code, out = stop_training(tiny_data, soc_model, results, signal.SIGTERM)
+    assert code == 143
     [run] = run_dirs(results)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == len(read_losses(run)) - 1

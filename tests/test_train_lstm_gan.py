@@ -14,7 +14,7 @@ import torch
 import arg_parser
 import gan_trainer_base
 from gan_trainer_base import BatchSampler, gradient_penalty
-from conftest import read_losses, run_dirs, tiny_args
+from conftest import read_losses, run_dirs, stop_training, tiny_args
 from train_lstm_gan import Discriminator, Generator, main, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,15 +355,8 @@ def test_result_notebook_executes_headless_on_a_real_run(tiny_data, soc_model, t
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_epoch_and_checkpoints_it(tiny_data, soc_model, tmp_path):
     results = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(tiny_data, soc_model, results, "-e", "500")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_dirs(results) and len(read_losses(run_dirs(results)[0])) > 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130   # 128 + SIGINT, as shells expect (issue 16; it was 0)
+    code, out = stop_training(tiny_data, soc_model, results, signal.SIGINT)
+    assert code == 130   # 128 + SIGINT, as shells expect (issue 16; it was 0)
     [run] = run_dirs(results)
     epochs = len(read_losses(run)) - 1
     assert 2 <= epochs < 500
