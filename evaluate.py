@@ -19,7 +19,6 @@ The TSTR/TRTR SOC task tests on --test (the real test cycles). Same --seed, same
 (numbers in curve.json), each with its real-vs-real floor: two disjoint samples of real windows of the snapshots'
 size (-ess), measured as the trainer measures the synthetic ones.
 """
-import csv
 import argparse
 import json
 import sys
@@ -217,17 +216,17 @@ def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int) -> dict[s
     return metrics.quick_metrics(real[idx[:n]], real[idx[n:2 * n]], config.get("scaler"), seed)
 
 
-def read_losses(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+def loss_columns(run: RunDir) -> dict[str, np.ndarray]:
+    """losses.csv (read and checked by RunDir) as one array per column."""
+    rows = run.read_losses()
     if len(rows) < 2:
-        raise UserError(f"{path}: no epoch recorded yet; train first")
+        raise UserError(f"{run.path / 'losses.csv'}: no epoch recorded yet; train first")
     return {name: np.array([float(r[k]) for r in rows[1:]]) for k, name in enumerate(rows[0])}
 
 
 def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> Path:
     """Losses and snapshot metrics against the epoch, floors dashed; curve.png and curve.json in the run."""
-    losses = read_losses(run_dir / "losses.csv")
+    losses = loss_columns(RunDir(run_dir))
     # every snapshot's metrics.json, also where a shipped run kept only that of its older snapshots
     found = {int(p.parent.name.split("_")[0]): read_json(p) for p in run_dir.glob("*_epoch/metrics.json")
              if p.parent.name.split("_")[0].isdigit()}
