@@ -37,7 +37,9 @@ from torch.utils.data import DataLoader
 
 from arg_parser import parse_arg
 from common import cli, resolve_device
+import metrics
 from gan_trainer_base import WGANGP, WGANGPSettings, set_tf32, unwrap
+from generate import labelled_sequences, real_steps
 from soc_estimator import SOCLSTM, SOCEstimator
 from train_lstm_gan import build_critic, build_generator, build_optimizers
 
@@ -70,6 +72,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-steps", type=int, default=3, help="critic steps of the equal-loss check (0: skip)")
     p.add_argument("--label-seqs", type=int, default=None,
                    help="sequences labelled for the throughput figure (default 4000 on cuda, 4 on cpu)")
+    p.add_argument("--eval-seqs", type=int, default=0, metavar="N",
+                   help="also time the trainer's snapshot evaluation at -ess N: generate + label N sequences, "
+                        "then PCA and t-SNE of N real and N synthetic (0: skip)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fast critic step (torch.profiler) and print its top operators")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="experimental, CUDA only: also time the fast critic step captured as one CUDA graph and "
+                        "replayed (a fixed real batch; the eager step launches ~10^5 small kernels at 600 steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in well under a minute")
@@ -346,6 +356,76 @@ def measure_labelling(cfg: argparse.Namespace, soc: SOCEstimator) -> dict:
                 projected_seconds_ess4000=round(4000 * 301 / per_s, 2))
 
 
+def measure_evaluation(cfg: argparse.Namespace, gan: WGANGP, soc: SOCEstimator) -> dict:
+    """The trainer's snapshot at -ess N: N sequences generated and labelled (random-weight SOC network: the cost
+    is the same), then PCA and t-SNE of N real and N synthetic sequences; seconds of each part."""
+    window = soc_window(cfg.seq_len)
+    generator = unwrap(gan.G).eval()
+    sync(gan.device)
+    t0 = time.perf_counter()
+    fake, _ = labelled_sequences(generator, soc, cfg.eval_seqs, cfg.seed, window, 256, gan.device)
+    sync(gan.device)
+    t1 = time.perf_counter()
+    rows = np.random.default_rng(cfg.seed).integers(len(gan.real), size=cfg.eval_seqs)
+    real = real_steps(gan.real[rows.tolist()].cpu().numpy(), cfg.seq_len, window, "aligned")
+    metrics.pca_tsne(real, fake[..., :3], seed=cfg.seed)
+    t2 = time.perf_counter()
+    generator.train()
+    return line(cfg, gan.device, "evaluation", "fast", [t2 - t0], peak_memory(gan.device), sequences=cfg.eval_seqs,
+                label_seconds=round(t1 - t0, 3), pca_tsne_seconds=round(t2 - t1, 3))
+
+
+def profile_critic_step(gan: WGANGP, top: int = 15) -> dict:
+    """torch.profiler over one fast critic step (after one untimed): the operators that take its time."""
+    from torch.profiler import ProfilerActivity, profile
+    gan.critic_step()
+    sync(gan.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gan.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        gan.critic_step()
+        sync(gan.device)
+    key = "self_device_time_total" if gan.device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+    return {"measure": "profile_critic_step", "device": str(gan.device), "sorted_by": key,
+            "kernels": sum(e.count for e in averages if e.device_type.name == "CUDA"),
+            "top": [{"op": e.key, "count": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1),
+                     "self_device_us": round(e.self_device_time_total, 1)}
+                    for e in events[:top]]}
+
+
+def measure_graphed_critic(cfg: argparse.Namespace, gan: WGANGP) -> dict:
+    """The fast critic step captured once as a CUDA graph, then replayed: what launch overhead costs the eager
+    step. A lead, not the trainer's path: the real batch is fixed (the sampler's short last batch would need a
+    second graph) and Adam runs with capturable=True. Changes gan's state: run it last."""
+    device = gan.device
+    try:
+        batch = torch.arange(cfg.batch, device=device) % len(gan.real)
+        gan.sampler.next_indices = lambda: batch   # already on the device: .to() inside the step is a no-op
+        for group in gan.d_optim.param_groups:
+            group["capturable"] = True
+        for state in gan.d_optim.state.values():
+            if "step" in state:
+                state["step"] = state["step"].to(device, torch.float32)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):   # warm-up on a side stream, as torch.cuda.graph requires
+            for _ in range(3):
+                gan.critic_step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = gan.critic_step()
+        replays = []
+        seconds, memory = timed(lambda: (graph.replay(), replays.append(losses.tolist())), cfg.steps,
+                                cfg.warmup, device)
+    except Exception as e:   # experimental: report why capture failed, keep the other figures
+        return {"measure": "critic_step_cuda_graph", "device": str(device), "error": f"{type(e).__name__}: {e}"}
+    return line(cfg, device, "critic_step_cuda_graph", "fast", seconds, memory, losses=replays,
+                finite=bool(np.isfinite(replays).all()), moved=replays[0] != replays[-1])
+
+
 def check_equal_losses(cfg: argparse.Namespace, gan: WGANGP, reference: Reference) -> dict:
     """From the same weights, optimizer state, seed and real batches: `check_steps` critic steps and one generator
     step of each, in fp32 (the numerics both share). The fast path batches the real and fake forwards and runs
@@ -389,8 +469,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.label_seqs:
         results.append(measure_labelling(cfg, random_soc_estimator(cfg)))
         print(json.dumps(results[-1]), flush=True)
+    if cfg.eval_seqs:
+        results.append(measure_evaluation(cfg, gan, random_soc_estimator(cfg)))
+        print(json.dumps(results[-1]), flush=True)
+    if cfg.profile:
+        results.append(profile_critic_step(gan))
+        print(json.dumps(results[-1]), flush=True)
     if reference is not None and cfg.check_steps:
         results.append(check_equal_losses(cfg, gan, reference))
+        print(json.dumps(results[-1]), flush=True)
+    if cfg.cuda_graph:
+        results.append(measure_graphed_critic(cfg, gan))
         print(json.dumps(results[-1]), flush=True)
     return results
 

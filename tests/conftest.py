@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
 torch.set_num_threads(1)
 
+# The tests that take a `device` run on the CPU, and on CUDA too where a GPU is present (tests/gpu_check.sh runs
+# those with -k cuda on a GPU machine); CI has none, so there they run once.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

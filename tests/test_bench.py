@@ -46,8 +46,11 @@ def test_labelling_line(tiny):
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 3])   # 3: 6 uneven chunks (2 or 3 samples); 1: clamped to 2
-def test_reference_and_fast_give_the_same_losses(tiny, chunk):
-    cfg, gan, reference = tiny
+def test_reference_and_fast_give_the_same_losses(chunk, device):
+    cfg = bench.parse(["--device", device, "--quick"])
+    cfg.steps, cfg.warmup, cfg.label_seqs = 2, 1, 2
+    gan = bench.make_gan(cfg)
+    reference = bench.Reference(gan, cfg)
     gan.settings.critic_chunk = chunk
     check = bench.check_equal_losses(cfg, gan, reference)
     assert check["equal"], check

@@ -22,8 +22,8 @@ def ev(run: Path, *extra) -> int:
     return evaluate.main(["-r", run.name, "--results-dir", str(run.parent), *TINY, *extra])
 
 
-def test_latest_epoch_gets_every_metric_and_the_plots(tiny_run, capsys):
-    assert ev(tiny_run) == 0
+def test_latest_epoch_gets_every_metric_and_the_plots(tiny_run, capsys, device):
+    assert ev(tiny_run, "--device", device) == 0
     epoch_dir = tiny_run / "2_epoch"   # the latest
     values = json.loads((epoch_dir / "metrics.json").read_text())
     for key in EVERY_KEY:

@@ -1,5 +1,7 @@
 """lean_lstm.LeanLSTM: the unrolled form equals nn.LSTM (forward, gradients, the penalty's double backward) and
 keeps one transposed recurrent weight per layer, whatever the sequence length."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch import nn
@@ -9,10 +11,10 @@ from lean_lstm import LeanLSTM, unrolled
 from train_lstm_gan import Discriminator
 
 
-def twin_lstms(n_in=3, hidden=5):
+def twin_lstms(n_in=3, hidden=5, device="cpu"):
     torch.manual_seed(0)
-    reference = nn.LSTM(n_in, hidden, batch_first=True).double()
-    lean = LeanLSTM(n_in, hidden, batch_first=True).double()
+    reference = nn.LSTM(n_in, hidden, batch_first=True).double().to(device)
+    lean = LeanLSTM(n_in, hidden, batch_first=True).double().to(device)
     lean.load_state_dict(reference.state_dict())
     return reference, lean
 
@@ -23,9 +25,9 @@ def test_same_parameters_and_state_dict_as_nn_lstm():
     assert isinstance(lean, nn.LSTM)
 
 
-def test_unrolled_forward_and_gradients_equal_nn_lstm():
-    reference, lean = twin_lstms()
-    x = torch.randn(4, 7, 3, dtype=torch.double, requires_grad=True)
+def test_unrolled_forward_and_gradients_equal_nn_lstm(device):
+    reference, lean = twin_lstms(device=device)   # on CUDA the reference is cuDNN's LSTM (float64)
+    x = torch.randn(4, 7, 3, dtype=torch.double, device=device, requires_grad=True)
     out_ref, (h_ref, c_ref) = reference(x)
     with unrolled(lean):
         out, (h, c) = lean(x)
@@ -39,17 +41,18 @@ def test_unrolled_forward_and_gradients_equal_nn_lstm():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
+@contextmanager
 def native_cells(model):
-    """nn.LSTM without oneDNN runs torch's native cells, which have a double backward."""
-    return torch.backends.mkldnn.flags(enabled=False)
+    """nn.LSTM without oneDNN (CPU) or cuDNN (CUDA) runs torch's native cells, which have a double backward."""
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
+        yield
 
 
 @pytest.mark.parametrize("norm", ["paper", "sample"])
-def test_penalty_double_backward_equals_native_cells(norm):
+def test_penalty_double_backward_equals_native_cells(norm, device):
     torch.manual_seed(1)
-    critic = Discriminator(3, scale=0.03125).double()
-    real, fake = torch.rand(3, 9, 3, dtype=torch.double), torch.rand(3, 9, 3, dtype=torch.double)
-    eta = torch.rand(3, 1, 1, dtype=torch.double)
+    critic = Discriminator(3, scale=0.03125).double().to(device)
+    real, fake, eta = (torch.rand(*shape, dtype=torch.double).to(device) for shape in ((3, 9, 3), (3, 9, 3), (3, 1, 1)))
 
     def penalty_grads(context):
         critic.zero_grad(set_to_none=True)

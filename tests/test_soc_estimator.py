@@ -97,10 +97,10 @@ def test_h5_roundtrip_is_exact(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file behind
 
 
-def test_label_equals_explicit_windows_and_streams(tmp_path):
+def test_label_equals_explicit_windows_and_streams(tmp_path, device):
     m = small_model()
     save_keras_h5(m, tmp_path / "m.h5")
-    est = SOCEstimator.load(tmp_path / "m.h5")
+    est = SOCEstimator.load(tmp_path / "m.h5", device)   # on CUDA: cuDNN's LSTM against the CPU model
     seq = np.random.default_rng(2).random((3, 25, 3)).astype(np.float64)  # float64 in: converted
     seen = []
     forward = est.model.forward

@@ -158,9 +158,9 @@ def test_sampler_makes_persistent_passes_with_a_short_last_batch():
 
 # ---- end to end ------------------------------------------------------------------------------------------------
 
-def test_tiny_run_creates_the_whole_results_folder(tiny_data, soc_model, tmp_path):
+def test_tiny_run_creates_the_whole_results_folder(tiny_data, soc_model, tmp_path, device):
     results = tmp_path / "results"
-    assert main(tiny_args(tiny_data, soc_model, results, "-e", "4", "-s", "2", "-p")) == 0
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "4", "-s", "2", "-p", "--device", device)) == 0
     [run] = run_dirs(results)
     assert run.name.endswith("_lstm_gan") and run.name.split("_")[0].isdigit()
     for name in ("config.json", "result.ipynb", "losses.csv", "checkpoint.pt", "best_generator.pth",
@@ -171,7 +171,7 @@ def test_tiny_run_creates_the_whole_results_folder(tiny_data, soc_model, tmp_pat
     assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4"]
     assert all(np.isfinite(float(v)) for r in rows[1:] for v in r[1:])
     config = json.loads((run / "config.json").read_text())
-    assert config["seed"] == 7 and config["device"] == "cpu" and len(config["data_sha256"]) == 64
+    assert config["seed"] == 7 and config["device"].startswith(device) and len(config["data_sha256"]) == 64
     assert config["args"]["gan_epochs"] == 4 and "torch" in config["versions"]
     for epoch in (2, 4):
         folder = run / f"{epoch}_epoch"
@@ -221,16 +221,16 @@ def test_two_runs_in_the_same_second_get_different_folders(tiny_data, soc_model,
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_gives_the_same_losses(tiny_data, soc_model, tmp_path):
+def test_sigkill_and_resume_gives_the_same_losses(tiny_data, soc_model, tmp_path, device):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     full = tmp_path / "full"
-    args = tiny_args(tiny_data, soc_model, full, "-e", "12", "-s", "3")
+    args = tiny_args(tiny_data, soc_model, full, "-e", "12", "-s", "3", "--device", device)
     assert main(args) == 0
     [reference] = run_dirs(full)
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(tiny_data, soc_model, killed, "-e", "12",
-                                                                       "-s", "3")]
+                                                                       "-s", "3", "--device", device)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:   # kill it between two checkpoints, with rows written after the last one
@@ -251,9 +251,9 @@ def test_sigkill_and_resume_gives_the_same_losses(tiny_data, soc_model, tmp_path
                                   np.load(reference / "12_epoch" / "fake_data.npy"))
 
 
-def test_resume_can_extend_training(tiny_data, soc_model, tmp_path):
+def test_resume_can_extend_training(tiny_data, soc_model, tmp_path, device):
     results = tmp_path / "results"
-    assert main(tiny_args(tiny_data, soc_model, results, "-e", "2")) == 0
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "2", "--device", device)) == 0
     [run] = run_dirs(results)
     assert main(["-r", run.name, "--results-dir", str(results), "-e", "3"]) == 0
     assert [r[0] for r in read_losses(run)[1:]] == ["1", "2", "3"]
