@@ -300,12 +300,38 @@ def _keras_lstm_without_time_major():
     return keras, LSTM
 
 
-class SOCEstimator:
-    """Labels scaled V, I, T sequences with SOC by sliding the estimator's window over them."""
+class GraphedForward:
+    """The SOC network's forward for one batch shape, captured once as a CUDA graph and replayed. Eagerly, each of
+    the window's steps launches about ten small kernels per layer, and labelling runs at the CPU's launch rate
+    (about 25k windows/s on an H100, README: Performance); a replay launches them all at once. Rows are
+    independent, so a shorter batch fills the first rows of the captured one."""
 
-    def __init__(self, model, path: Path, device: torch.device, backend: str):
+    def __init__(self, model: nn.Module, shape: tuple[int, int, int], device: torch.device):
+        self.x = torch.zeros(shape, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):   # warm-up on a side stream, as torch.cuda.graph requires
+            for _ in range(2):
+                model(self.x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.y = model(self.x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.x[:len(x)].copy_(x)
+        self.graph.replay()
+        return self.y[:len(x)]
+
+
+class SOCEstimator:
+    """Labels scaled V, I, T sequences with SOC by sliding the estimator's window over them. On CUDA, a labelling
+    of more than one batch replays a CUDA graph of the network (cuda_graphs=False: eager, as before)."""
+
+    def __init__(self, model, path: Path, device: torch.device, backend: str, cuda_graphs: bool = True):
         self.model, self.path, self.device, self.backend = model, path, device, backend
         self.n_features = model.n_features if backend == "torch" else int(model.input_shape[-1])
+        self.cuda_graphs, self._graphs = cuda_graphs, {}
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "torch") -> "SOCEstimator":
@@ -335,7 +361,11 @@ class SOCEstimator:
                                 f"try backend='torch'") from None
         return cls(model, path, torch.device("cpu"), backend)
 
-    def _predict(self, x: torch.Tensor) -> np.ndarray:
+    def _predict(self, x: torch.Tensor, graph_shape: tuple[int, int, int] | None = None) -> np.ndarray:
+        if self.backend == "torch" and graph_shape is not None:
+            if graph_shape not in self._graphs:
+                self._graphs[graph_shape] = GraphedForward(self.model, graph_shape, self.device)
+            return self._graphs[graph_shape](x).squeeze(-1).float().cpu().numpy()
         if self.backend == "torch":
             return self.model(x).squeeze(-1).float().cpu().numpy()
         return np.asarray(self.model.predict_on_batch(x.cpu().numpy()), np.float32).reshape(-1)
@@ -365,6 +395,8 @@ class SOCEstimator:
         views = x.unfold(1, window, 1)  # [n, k, 3, window], no copy
         flat = out.reshape(-1)
         starts = range(0, n * k, batch_size)
+        graphed = self.cuda_graphs and self.backend == "torch" and self.device.type == "cuda" and len(starts) > 1
+        graph_shape = (batch_size, window, self.n_features) if graphed else None
         if progress:
             from tqdm import tqdm
             starts = tqdm(starts, desc="SOC labelling", unit="batch")
@@ -372,7 +404,7 @@ class SOCEstimator:
             for s in starts:
                 idx = torch.arange(s, min(s + batch_size, n * k), device=self.device)
                 batch = views[idx // k, idx % k].transpose(1, 2)  # [b, window, 3]
-                flat[s:s + len(idx)] = self._predict(batch.contiguous())
+                flat[s:s + len(idx)] = self._predict(batch.contiguous(), graph_shape)
         return out
 
 

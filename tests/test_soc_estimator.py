@@ -100,17 +100,22 @@ def test_h5_roundtrip_is_exact(tmp_path):
 def test_label_equals_explicit_windows_and_streams(tmp_path, device):
     m = small_model()
     save_keras_h5(m, tmp_path / "m.h5")
-    est = SOCEstimator.load(tmp_path / "m.h5", device)   # on CUDA: cuDNN's LSTM against the CPU model
+    est = SOCEstimator.load(tmp_path / "m.h5", device)   # on CUDA: against the CPU model
     seq = np.random.default_rng(2).random((3, 25, 3)).astype(np.float64)  # float64 in: converted
     seen = []
     forward = est.model.forward
     est.model.forward = lambda x: (seen.append(len(x)), forward(x))[1]
+    est.cuda_graphs = False
     out = est.label(seq, window=10, batch_size=7)
     assert out.dtype == np.float32 and out.shape == (3, 16)
     assert max(seen) <= 7 and sum(seen) == 3 * 16  # streamed in batches, every window once
     want = np.array([[run(m, seq[i:i + 1, k:k + 10])[0, 0] for k in range(16)] for i in range(3)])
     assert np.allclose(out, want, atol=1e-6)
     assert np.allclose(est.label(seq, window=25), run(m, seq), atol=1e-6)  # window == T: one column
+    # on CUDA, a CUDA graph of the network replayed for every batch (the last, shorter one too): same labels
+    est.cuda_graphs = True
+    np.testing.assert_allclose(est.label(seq, window=10, batch_size=7), out, rtol=0, atol=1e-6)
+    assert len(est._graphs) == (device == "cuda")
 
 
 def test_import_does_not_pull_in_tensorflow_or_keras():
