@@ -16,7 +16,8 @@ PRESETS = {
     "cpu": {"model_scale": 0.125, "batch_size": 16, "discriminator_train_steps": 1,
             "discriminator_learning_rate": 1e-3, "generator_learning_rate": 1e-3,
             "discriminator_adam_beta2": 0.9, "generator_adam_beta2": 0.9,
-            "norm_layout": "channel", "gp_norm": "sample", "gan_epochs": 3000, "save_epoch_interval": 50,
+            "norm_layout": "channel", "critic_norm": "layer", "generator_noise": "mixed", "gp_norm": "sample",
+            "gan_epochs": 3000, "save_epoch_interval": 50,
             "evaluate_sample_size": 32},
 }
 
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-layout", choices=["paper", "channel"], default="paper",
                    help="paper: the original reshape(B, C, 1, T) before Batch/InstanceNorm (mixes time and "
                         "features, reproduced exactly); channel: normalise per feature channel")
+    p.add_argument("--critic-norm", choices=["instance", "layer"], default="instance",
+                   help="instance: the original InstanceNorm after each critic LSTM (laid out by --norm-layout); "
+                        "layer: normalise each time step over its features (parameter-free layer norm, the "
+                        "WGAN-GP paper's choice for a critic), which keeps each sequence's levels visible")
+    p.add_argument("--generator-noise", choices=["step", "mixed"], default="step",
+                   help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
+                        "the -gid channels drawn once per sequence and held over time, a per-sequence latent")
     p.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
                    help="paper: gradient norm over time per (sample, feature) as the original; "
                         "sample: per-sample norm over all time steps and features (Gulrajani et al.)")

@@ -9,6 +9,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.optim import Adam
 
 from arg_parser import parse_arg
@@ -49,13 +50,14 @@ class InstanceNorm(nn.Module):
 
 class Generator(nn.Module):
     """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
-    no output activation. Module names match the original so its state dicts load."""
+    no output activation. Module names match the original so its state dicts load. noise 'mixed' holds the first
+    half of z's channels at their first step's values (a per-sequence latent; same parameters)."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
-                 scale: float = 1.0, norm_layout: str = "paper"):
+                 scale: float = 1.0, norm_layout: str = "paper", noise: str = "step"):
         super().__init__()
         self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
-        self.norm_layout = norm_layout
+        self.norm_layout, self.noise = norm_layout, noise
         widths = [input_dim] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
         for i in range(4):
             setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
@@ -67,6 +69,9 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = z
+        if self.noise == "mixed":   # i.i.d. noise at every step gives the LSTMs nothing that lasts a sequence
+            k = self.input_dim // 2
+            x = torch.cat([z[:, :1, :k].expand(-1, z.shape[1], -1), z[:, :, k:]], dim=2)
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
             x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)
@@ -76,14 +81,16 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm + LeakyReLU(0.2);
+    """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm (--critic-norm layer:
+    a per-step layer norm) + LeakyReLU(0.2);
     the last time step's features go through Linear(1024, 1). No sigmoid: it scores, it does not classify.
     Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
 
-    def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper"):
+    def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
+                 norm: str = "instance"):
         super().__init__()
         self.input_dim = input_dim
-        self.norm_layout = norm_layout
+        self.norm_layout, self.norm = norm_layout, norm
         widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
         for i in range(4):
             setattr(self, f"lstm_{i + 1}", LeanLSTM(widths[i], widths[i + 1], batch_first=True))
@@ -95,7 +102,10 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
-            x = normalize(x, getattr(self, f"instance_norm_{i}"), self.norm_layout)
+            if self.norm == "layer":   # per step over features: a sequence's levels stay visible to the critic
+                x = F.layer_norm(x, x.shape[-1:])
+            else:
+                x = normalize(x, getattr(self, f"instance_norm_{i}"), self.norm_layout)
             if i < 4:
                 x = self.dropout(getattr(self, f"relu_{i}")(x))
         # as the original: the activation is applied to the last time step only, then the linear head
@@ -107,11 +117,12 @@ N_FEATURES = 3   # the GAN generates V, I, T; the SOC estimator labels them
 
 def build_generator(args: argparse.Namespace, seq_len: int) -> Generator:
     return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
-                     args.norm_layout)
+                     args.norm_layout, args.generator_noise)
 
 
 def build_critic(args: argparse.Namespace) -> Discriminator:
-    return Discriminator(N_FEATURES, args.discriminator_dropout, args.model_scale, args.norm_layout)
+    return Discriminator(N_FEATURES, args.discriminator_dropout, args.model_scale, args.norm_layout,
+                         args.critic_norm)
 
 
 def build_optimizers(args: argparse.Namespace, generator: nn.Module, critic: nn.Module) -> tuple[Adam, Adam]:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import train_lstm_gan
@@ -21,6 +22,39 @@ def test_preset_cpu_sets_its_defaults_and_typed_flags_win():
     assert (typed.batch_size, typed.model_scale, typed.discriminator_train_steps) == (32, 0.25, 5)
     assert typed.norm_layout == PRESETS["cpu"]["norm_layout"]
     assert all(build_parser().get_default(k) != v for k, v in PRESETS["cpu"].items())   # it really changes them
+
+
+def test_mixed_noise_holds_half_the_channels_for_the_whole_sequence():
+    torch.manual_seed(0)
+    step, mixed = (train_lstm_gan.Generator(8, 3, 12, scale=0.02, noise=n).eval() for n in ("step", "mixed"))
+    mixed.load_state_dict(step.state_dict())   # same parameters: the option changes only what the LSTMs see
+    z = torch.randn(2, 12, 8)
+    later_held = z.clone()
+    later_held[:, 1:, :4] += 1.0               # the held half at steps 1.. is never read
+    first_held = z.clone()
+    first_held[:, 0, :4] += 1.0                # its first step's values are the sequence's latent
+    with torch.no_grad():
+        assert torch.equal(mixed(later_held), mixed(z))
+        assert not torch.allclose(mixed(first_held)[:, -1], mixed(z)[:, -1])
+        assert not torch.allclose(step(later_held), step(z))   # the paper's generator reads every step
+
+
+def test_layer_critic_norm_normalises_each_step_over_features():
+    torch.manual_seed(0)
+    instance = train_lstm_gan.Discriminator(3, scale=0.05)
+    layer = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer")
+    layer.load_state_dict(instance.state_dict())   # parameter-free: the original's state dicts load
+    x = torch.rand(2, 9, 3)
+    h = x
+    for i in range(1, 5):
+        h, _ = getattr(layer, f"lstm_{i}")(h)
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        h = torch.nn.functional.leaky_relu(h, 0.2)
+    torch.testing.assert_close(layer(x), layer.linear(h[:, -1]))
+    # a level shift of one sequence survives per-step normalisation, but not the channel layout's InstanceNorm,
+    # which takes each channel's mean over time away
+    shifted = x + torch.tensor([0.3, 0.0, 0.0])
+    assert not torch.allclose(layer(shifted), layer(x))
 
 
 def test_auto_critic_chunk_follows_memory():
@@ -45,6 +79,7 @@ def tiny_run(tiny_data, soc_model, tmp_path_factory):
 def test_preset_run_records_the_chunk_and_projects_the_run(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["args"]["preset"] == "cpu" and config["args"]["norm_layout"] == "channel"
+    assert (config["args"]["critic_norm"], config["args"]["generator_noise"]) == ("layer", "mixed")
     assert config["args"]["critic_chunk"] == 0   # picked: 4 tiny samples fit in any memory
 
 

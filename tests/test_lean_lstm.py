@@ -48,10 +48,10 @@ def native_cells(model):
         yield
 
 
-@pytest.mark.parametrize("norm", ["paper", "sample"])
-def test_penalty_double_backward_equals_native_cells(norm, device):
+@pytest.mark.parametrize("norm,critic_norm", [("paper", "instance"), ("sample", "instance"), ("sample", "layer")])
+def test_penalty_double_backward_equals_native_cells(norm, critic_norm, device):
     torch.manual_seed(1)
-    critic = Discriminator(3, scale=0.03125).double().to(device)
+    critic = Discriminator(3, scale=0.03125, norm=critic_norm).double().to(device)
     real, fake, eta = (torch.rand(*shape, dtype=torch.double).to(device) for shape in ((3, 9, 3), (3, 9, 3), (3, 1, 1)))
 
     def penalty_grads(context):
