@@ -33,7 +33,7 @@ import torch
 
 import metrics
 from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
-from generate import real_steps, synthesize
+from generate import real_steps, run_scaler, synthesize
 from run_dir import RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -141,7 +141,7 @@ def plot_acf(real: np.ndarray, fake: np.ndarray, path: Path) -> None:
 def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,
                    real_all: np.ndarray, test: np.ndarray | None, device: torch.device) -> dict[str, float]:
     started = time.time()
-    scaler = config.get("scaler")
+    scaler = run_scaler(config)
     if args.generate:
         fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, args.seed, device)
     else:
@@ -213,7 +213,7 @@ def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int) -> dict[s
     real = real_steps(real_all, config["seq_len"], config["args"]["soc_estimator_step"], "aligned")
     n = min(n, len(real) // 2)
     idx = np.random.default_rng(seed).permutation(len(real))
-    return metrics.quick_metrics(real[idx[:n]], real[idx[n:2 * n]], config.get("scaler"), seed)
+    return metrics.quick_metrics(real[idx[:n]], real[idx[n:2 * n]], run_scaler(config), seed)
 
 
 def loss_columns(run: RunDir) -> dict[str, np.ndarray]:

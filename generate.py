@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import OneLineParser, UserError, atomic_npy, atomic_write, cli, resolve_device
+from metrics import coulomb_gap
 from run_dir import RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: the steps of the run's fake_data.npy; labelled: every step with an SOC label")
     p.add_argument("--batch-size", type=int, default=256, help="sequences per generator batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-coulomb-error", type=float, default=None, metavar="PCT",
+                   help="keep only sequences whose SOC labels stay within PCT %% SOC of charge counting on average "
+                        "(metrics.coulomb_gap), drawing more until n are kept; the acceptance rate is reported")
     return p
 
 
@@ -198,27 +202,80 @@ def run(args: argparse.Namespace) -> Path:
     check_output(out)
     if args.n_sequences < 1 or args.batch_size < 1:
         raise UserError(f"-n {args.n_sequences} / --batch-size {args.batch_size}: must be positive")
+    if args.max_coulomb_error is not None and not args.max_coulomb_error > 0:
+        raise UserError(f"--max-coulomb-error {args.max_coulomb_error}: must be a tolerance > 0 in SOC %, e.g. 2")
     device, _ = resolve_device(args.device)
     run = RunDir.open(args.results_dir, args.result_name)
     run_dir, config = run.path, run.read_config()
     epoch, epoch_dir = run.epoch(args.epoch)
-    scaler = config.get("scaler")
+    scaler = run_scaler(config)
     if scaler is None and not args.scaled:
         raise UserError(f"{run_dir / 'config.json'}: the run has no scaler (its data file had no .json "
                             f"sidecar), so physical units are unknown; pass --scaled")
+    if args.max_coulomb_error is not None and not (scaler or {}).get("capacity_ah"):
+        raise UserError(f"{run_dir / 'config.json'}: --max-coulomb-error needs the cell capacity, which neither the "
+                        f"run's scaler nor its data sidecar records; rebuild the data with python lg_dataset.py")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed, device, args.batch_size, args.steps,
-                          progress=True)
+    x, first, drawn, passed = synthesize_checked(run_dir, config, epoch_dir, args, seed, device, scaler)
+    gap = coulomb_gap(x, scaler) if (scaler or {}).get("capacity_ah") else None
     columns = SCALED_COLUMNS if args.scaled else COLUMNS
     if not args.scaled:
         x = to_physical(x, scaler)
+    coulomb = None if gap is None else {
+        "soc_coulomb_error_pct": float(gap.mean()), "max_pct": float(gap.max()), "kept": len(gap),
+        "drawn": drawn, "acceptance_rate": passed / drawn, "max_coulomb_error_pct": args.max_coulomb_error}
     meta = {"run": run_dir.name, "epoch": epoch, "seed": seed, "n_sequences": args.n_sequences,
             "steps": int(x.shape[1]), "first_generated_step": first, "generated_seq_len": config["seq_len"],
             "hz": HZ, "columns": list(columns), "npy_layout": "[sequence, step, (V, I, T, SOC)]",
             "scaled": args.scaled, "scaler": scaler, "soc": "SOC estimator " + str(config.get("soc_model")),
-            "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "soc_coulomb": coulomb}
     write_output(x, out, columns, meta)
+    if coulomb is not None and args.max_coulomb_error is not None:
+        print(f"kept {coulomb['kept']} of {drawn} sequences within {args.max_coulomb_error} % SOC of charge "
+              f"counting (acceptance {coulomb['acceptance_rate']:.1%})")
     return out
+
+
+def run_scaler(config: dict) -> dict | None:
+    """The run's scaler; a run made before the data sidecar recorded the cell capacity gets it from that sidecar
+    when the two scalers agree (same min and max)."""
+    from lg_dataset import load_sidecar
+    scaler = config.get("scaler")
+    if scaler is None or scaler.get("capacity_ah"):
+        return scaler
+    try:
+        data_scaler = (load_sidecar(config.get("data_path", "")) or {}).get("scaler") or {}
+    except Exception:   # an unreadable sidecar only means no capacity: the rest works without it
+        return scaler
+    same = data_scaler.get("min") == scaler.get("min") and data_scaler.get("max") == scaler.get("max")
+    return scaler | {"capacity_ah": data_scaler["capacity_ah"]} if same and data_scaler.get("capacity_ah") else scaler
+
+
+MAX_DRAW_ROUNDS = 20   # --max-coulomb-error: give up after this many rounds of drawing
+
+
+def synthesize_checked(run_dir: Path, config: dict, epoch_dir: Path, args: argparse.Namespace, seed: int,
+                       device: torch.device, scaler: dict | None) -> tuple[np.ndarray, int, int, int]:
+    """-n sequences (scaled), and with --max-coulomb-error only those within the tolerance, drawn in rounds
+    (each round its own seed) until n are kept -> (sequences, first generated step, drawn, within tolerance)."""
+    x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed, device, args.batch_size, args.steps,
+                          progress=True)
+    if args.max_coulomb_error is None:
+        return x, first, len(x), len(x)
+    kept, drawn = [x[coulomb_gap(x, scaler) <= args.max_coulomb_error]], len(x)
+    for round_ in range(1, MAX_DRAW_ROUNDS):
+        if sum(map(len, kept)) >= args.n_sequences:
+            break
+        more, _ = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed + round_, device, args.batch_size,
+                             args.steps, progress=True)
+        kept.append(more[coulomb_gap(more, scaler) <= args.max_coulomb_error])
+        drawn += len(more)
+    passed = sum(map(len, kept))
+    x = np.concatenate(kept)[:args.n_sequences]
+    if len(x) < args.n_sequences:
+        raise UserError(f"{epoch_dir}: only {len(x)} of {drawn} sequences are within {args.max_coulomb_error} % SOC "
+                        f"of charge counting; raise --max-coulomb-error or use a better-trained epoch")
+    return x, first, drawn, passed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,9 +258,9 @@ def soc_from_capacity(capacity: np.ndarray) -> np.ndarray:
     return (capacity - lo) / (hi - lo)
 
 
-def file_array(path: str | Path) -> np.ndarray:
-    """float64 [rows, 4]: V, I, T (physical units) and SOC of one file's discharge rows."""
-    df = read_discharge(path)
+def file_array(path: str | Path, df: pd.DataFrame | None = None) -> np.ndarray:
+    """float64 [rows, 4]: V, I, T (physical units) and SOC of one file's discharge rows (df: already read)."""
+    df = read_discharge(path) if df is None else df
     try:
         soc = soc_from_capacity(df["capacity"].to_numpy())
     except DataError as e:
@@ -338,10 +338,12 @@ def check_raw_dir(raw_dir: Path, entries: list[str]) -> None:
                             f"({DOWNLOAD_HINT}) or leave {temp} out with --temps / --files")
 
 
-def load_files(raw_dir: Path, entries: list[str], required: bool) -> tuple[list[str], list[np.ndarray], dict]:
+def load_files(raw_dir: Path, entries: list[str], required: bool
+               ) -> tuple[list[str], list[np.ndarray], dict, dict]:
     """Read each 'temp/name' entry. A missing required (training) file is a DataError; a missing optional
-    (test) file is a warning and is left out. Returns (entries read, arrays, sha256 per input file)."""
-    found, arrays, hashes = [], [], {}
+    (test) file is a warning and is left out. Returns (entries read, arrays, sha256 per input file, capacity per
+    entry in Ah: the Ah counter's range over the discharge, which is what the file's SOC is normalised by)."""
+    found, arrays, hashes, capacities = [], [], {}, {}
     for entry in entries:
         path = find_source(raw_dir, entry)
         if path is None:
@@ -352,10 +354,18 @@ def load_files(raw_dir: Path, entries: list[str], required: bool) -> tuple[list[
             log.warning("test file %s not found in %s (looked for %s); the test split goes on without it",
                         entry, raw_dir, looked)
             continue
-        arrays.append(file_array(path))
+        df = read_discharge(path)
+        arrays.append(file_array(path, df))
+        capacities[entry] = float(np.ptp(df["capacity"].to_numpy()))
         found.append(entry)
         hashes[path.relative_to(raw_dir).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found, arrays, hashes
+    return found, arrays, hashes, capacities
+
+
+def capacity_per_temp(capacities: dict[str, float]) -> dict[str, float]:
+    """Mean capacity (Ah) of each temperature's files: Q of the charge-counting check (metrics.coulomb_gap)."""
+    temps = dict.fromkeys(entry.split("/")[0] for entry in capacities)
+    return {t: float(np.mean([q for e, q in capacities.items() if e.split("/")[0] == t])) for t in temps}
 
 
 def _windows_for(entries: list[str], arrays: list[np.ndarray], raw_dir: Path, seq_len: int, stride: int,
@@ -389,7 +399,7 @@ def soc_windows(raw_dir, split: str = "train", window: int = 300, stride: int = 
         raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
     entries = file_list(split)
     check_raw_dir(raw_dir, entries)
-    found, arrays, _ = load_files(raw_dir, entries, required=(split == "train"))
+    found, arrays, _, _ = load_files(raw_dir, entries, required=(split == "train"))
     if scaler is None:
         train = arrays if split == "train" else load_files(raw_dir, file_list("train"), required=True)[1]
         scaler = fit_scaler(train)
@@ -427,16 +437,19 @@ def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, re
     scaler None: fitted on scaler_files (default: the files themselves) read from raw_dir."""
     raw_dir = Path(raw_dir)
     check_raw_dir(raw_dir, entries + (scaler_files or []))
-    found, arrays, hashes = load_files(raw_dir, entries, required)
+    found, arrays, hashes, capacities = load_files(raw_dir, entries, required)
     if not found:
         raise DataError(f"{raw_dir}: none of the listed files was found; check --raw-dir")
     if scaler is None:
         if scaler_files is None or scaler_files == entries:
-            scaler_files, scaler_arrays = found, arrays
+            scaler_files, scaler_arrays, scaler_capacities = found, arrays, capacities
         else:
-            scaler_files, scaler_arrays, more = load_files(raw_dir, scaler_files, required=True)
+            scaler_files, scaler_arrays, more, scaler_capacities = load_files(raw_dir, scaler_files, required=True)
             hashes.update(more)
-        scaler = fit_scaler(scaler_arrays) | {"fitted_on": scaler_files}
+        # the capacity turns SOC into charge: what the charge-counting check of the labels needs (in the scaler,
+        # so that it travels with it into every run's config.json)
+        scaler = fit_scaler(scaler_arrays) | {"fitted_on": scaler_files,
+                                              "capacity_ah": capacity_per_temp(scaler_capacities)}
     windows, index = _windows_for(found, arrays, raw_dir, seq_len, stride, scaler)
     temps = list(dict.fromkeys(i["temp"] for i in index))  # in the order the files were listed
     meta = {
@@ -450,6 +463,7 @@ def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, re
         "rows_per_temp": {t: sum(i["rows"] for i in index if i["temp"] == t) for t in temps},
         "windows_per_temp": {t: sum(i["stop"] - i["start"] for i in index if i["temp"] == t) for t in temps},
         "file_index": index,
+        "capacity_ah": capacities,
         "inputs_sha256": dict(sorted(hashes.items())),
     }
     return windows, meta

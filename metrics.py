@@ -22,6 +22,10 @@ FEATURES = ("V", "I", "T", "SOC")
 V_LIMITS = (2.5, 4.2)     # volts: LG 18650HG2 datasheet discharge cut-off and charge voltage
 T_MARGIN = 5.0            # degC allowed beyond the training data's min..max temperature (the scaler's range)
 SOC_RISE_TOL = 1e-4       # SOC per 0.1 s step; the real training windows never rise by more while discharging
+STEP_S = 0.1              # seconds per step (the LG data's 10 Hz)
+# SOC %: a sequence whose labels stray further from the charge count fails. Real windows' own SOC: 0.006 % mean,
+# 0.07 % max; the SOC estimator's labels of real windows: 0.6 % mean, 1.7 % max (24 windows), its own jitter
+COULOMB_TOL_PCT = 2.0
 ACF_MAX_LAG = 50          # autocorrelation lags compared: 1..50 steps = 0.1..5 s at 10 Hz
 QUICK_MAX_SEQ = 1000      # the quick metrics subsample each set to this many sequences (keeps them ~1 s)
 MMD_MAX_SEQ = 500         # MMD is quadratic in the sample count
@@ -65,7 +69,14 @@ METRIC_DOCS = {
     "phys_soc_out_of_range": "lower: share of synthetic steps with SOC outside [0, 1]",
     "phys_soc_rise_while_discharging": "lower: of the synthetic steps with current < 0 (discharge), the share "
                                        "where SOC rises by more than 1e-4 from the previous step",
-    "real_phys_<name>": "reference: the same physics check on the real sample (what 'good' looks like)",
+    "soc_coulomb_error": "lower: mean over sequences of the mean |SOC_t - SOC_0 - sum(I dt) / (3600 Q)| over each "
+                         "sequence's steps, in SOC %: the labels against charge counting (I in A, discharge "
+                         "negative; Q: capacity of the training temperature nearest the sequence's mean "
+                         "temperature, from the data sidecar)",
+    "soc_coulomb_fail_share": "lower: share of sequences whose coulomb error exceeds 2 % SOC (the SOC "
+                              "estimator's labels of real windows stay under 1.7 %)",
+    "real_phys_<name>": "reference: the same physics check on the real sample (what 'good' looks like); also "
+                        "real_soc_coulomb_*",
     "discriminative_score": "lower: |accuracy - 0.5| of a post-hoc 2-layer GRU classifier, real vs synthetic, "
                             "on held-out 20 % (TimeGAN protocol); 0 = indistinguishable, 0.5 = trivially told apart",
     "discriminative_accuracy": "closer to 0.5 is better: the held-out accuracy behind discriminative_score",
@@ -154,7 +165,24 @@ def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
         discharging = i[:, 1:] < 0
         rising = np.diff(soc, axis=1) > SOC_RISE_TOL
         out["phys_soc_rise_while_discharging"] = float((discharging & rising).sum() / max(1, discharging.sum()))
+        if scaler.get("capacity_ah"):
+            gap = coulomb_gap(x, scaler)
+            out.update(soc_coulomb_error=float(gap.mean()), soc_coulomb_fail_share=float((gap > COULOMB_TOL_PCT).mean()))
     return out
+
+
+def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:
+    """x [n, L, 4] scaled V, I, T + SOC -> [n] mean |SOC_t - SOC_0 - charge counted since step 0| in SOC %.
+    Q per sequence: the scaler's capacity (Ah) of the training temperature nearest its mean temperature."""
+    lo, hi = np.asarray(scaler["min"], np.float64), np.asarray(scaler["max"], np.float64)
+    current = x[..., 1].astype(np.float64) * (hi[1] - lo[1]) + lo[1]
+    temp = x[..., 2].astype(np.float64).mean(1) * (hi[2] - lo[2]) + lo[2]
+    classes = {float(k.removesuffix("degC")): q for k, q in scaler["capacity_ah"].items()}
+    centres = np.array(sorted(classes))
+    q = np.array([classes[c] for c in centres])[np.abs(temp[:, None] - centres).argmin(1)]
+    counted = np.cumsum(current[:, :-1] * STEP_S, axis=1) / (3600.0 * q[:, None])
+    soc = x[..., 3].astype(np.float64)
+    return np.abs(soc[:, 1:] - soc[:, :1] - counted).mean(1) * 100
 
 
 def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int) -> dict[str, float]:

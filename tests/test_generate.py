@@ -141,3 +141,25 @@ def test_command_line_runs_without_tensorflow(tiny_run, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert len(pd.read_parquet(out)) == 2 * 20
+
+
+def test_coulomb_check_in_the_sidecar_and_max_coulomb_error_keeps_only_close_sequences(tiny_run, tmp_path, capsys):
+    import metrics
+    config = json.loads((tiny_run / "config.json").read_text())
+    out = tmp_path / "all.npy"
+    assert gen(tiny_run, "-n", "12", "-o", str(out), "--seed", "2", "--scaled") == 0
+    report = json.loads(out.with_name("all.npy.json").read_text())["soc_coulomb"]
+    gaps = metrics.coulomb_gap(np.load(out), config["scaler"])
+    assert report["kept"] == report["drawn"] == 12 and report["acceptance_rate"] == 1
+    assert report["soc_coulomb_error_pct"] == pytest.approx(gaps.mean())
+    tolerance = float(np.median(gaps))   # about half of the tiny generator's sequences pass
+    kept = tmp_path / "kept.npy"
+    assert gen(tiny_run, "-n", "12", "-o", str(kept), "--seed", "2", "--scaled",
+               "--max-coulomb-error", str(tolerance)) == 0
+    x = np.load(kept)
+    assert len(x) == 12 and (metrics.coulomb_gap(x, config["scaler"]) <= tolerance).all()
+    report = json.loads(kept.with_name("kept.npy.json").read_text())["soc_coulomb"]
+    assert report["drawn"] > 12 and 0 < report["acceptance_rate"] < 1
+    assert "acceptance" in capsys.readouterr().out
+    assert gen(tiny_run, "-n", "2", "-o", str(tmp_path / "bad.npy"), "--max-coulomb-error", "0") == 2
+    assert not (tmp_path / "bad.npy").exists()

@@ -182,6 +182,11 @@ def test_cli_builds_train_windows_end_to_end(mini_build):
         cap = part["Capacity [Ah]"].to_numpy()
         soc = (cap - cap.min()) / (cap.max() - cap.min())
         assert np.array_equal(x[item["stop"] - 1, :, 3], soc[300:400].astype(np.float32))
+    # the capacity each file's SOC is normalised by, and its mean per temperature in the scaler
+    caps = {e: float(np.ptp(p["Capacity [Ah]"].to_numpy())) for e, p in zip(MINI_TRAIN, parts)}
+    assert meta["capacity_ah"] == pytest.approx(caps)
+    for temp, q in meta["scaler"]["capacity_ah"].items():
+        assert q == pytest.approx(np.mean([c for e, c in caps.items() if e.startswith(temp + "/")]))
 
 
 def test_cli_test_split_warns_about_a_missing_file_and_goes_on(mini_build):

@@ -1,5 +1,6 @@
 """metrics.py: the metrics tell real data held out of the same set from obviously bad synthetic data
 (time steps shuffled, constant sequences), physics checks by hand, reproducibility, speed."""
+import json
 import time
 from pathlib import Path
 
@@ -166,3 +167,39 @@ def test_all_metrics_is_flat_and_holds_every_family(sets):
                 "trtr_mae_soc_pct"):
         assert key in m, key
     assert all(isinstance(v, float) and np.isfinite(v) for v in m.values())
+
+
+# ---- charge counting ---------------------------------------------------------------------------------------------
+
+def test_coulomb_check_passes_real_windows_and_fails_wrong_labels():
+    windows = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::20].astype(np.float64)
+    scaler = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
+    assert set(scaler["capacity_ah"]) == {"0degC", "10degC", "25degC"}
+    real = metrics.coulomb_gap(windows, scaler)
+    assert real.max() < 0.1   # the real SOC is the coulomb count: a few thousandths of a percent
+    # the current of another window: a different charge left the cell. Over 60 s that is well under 1 % SOC (a
+    # drive cycle moves SOC by ~1 % a minute), so it shows at the true labels' precision, not at the tolerance
+    # meant for estimator labels
+    other_current = windows.copy()
+    other_current[:, :, 1] = windows[np.random.default_rng(0).permutation(len(windows)), :, 1]
+    assert (metrics.coulomb_gap(other_current, scaler) > 0.1).mean() > 0.9
+    # SOC shifted by 5 % halfway through the window: labels no charge explains
+    shifted = windows.copy()
+    shifted[:, 300:, 3] += 0.05
+    assert (metrics.coulomb_gap(shifted, scaler) > metrics.COULOMB_TOL_PCT).all()
+    quick = metrics.quick_metrics(windows[:40], windows[40:80], scaler, 0)
+    assert quick["soc_coulomb_error"] < 0.1 and quick["soc_coulomb_fail_share"] == 0
+    assert quick["real_soc_coulomb_fail_share"] == 0
+
+
+def test_coulomb_capacity_follows_the_sequence_temperature():
+    scaler = {"min": [0.0, -10.0, 0.0], "max": [1.0, 10.0, 25.0], "capacity_ah": {"0degC": 2.0, "25degC": 4.0}}
+    x = np.zeros((2, 11, 4))
+    x[:, :, 1] = 0.5 - 3.6 / 20   # -3.6 A scaled: 0.1 mAh per 0.1 s step
+    x[0, :, 2], x[1, :, 2] = 0.0, 1.0   # 0 degC (Q = 2 Ah) and 25 degC (Q = 4 Ah)
+    for k, q in enumerate((2.0, 4.0)):
+        x[k, :, 3] = 0.5 - np.arange(11) * 0.0001 / q   # exactly the counted charge
+    np.testing.assert_allclose(metrics.coulomb_gap(x, scaler), 0, atol=1e-9)
+    x[1, :, 3] = x[0, :, 3]   # 25 degC sequence labelled as if Q were 2 Ah: off by half the drop
+    gap = metrics.coulomb_gap(x, scaler)
+    assert gap[0] < 1e-9 and gap[1] == pytest.approx(np.mean(np.arange(1, 11) * 0.0001 / 4) * 100)
