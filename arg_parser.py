@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-noise", choices=["step", "mixed"], default="step",
                    help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
                         "the -gid channels drawn once per sequence and held over time, a per-sequence latent")
+    p.add_argument("--condition", choices=["none", "temperature"], default="none",
+                   help="none: unconditional, as the paper; temperature: the ambient temperature class of each "
+                        "window (0, 10, 25 degC, from the data sidecar) is given to the generator with the noise and "
+                        "to the critic with the sequence, as one-hot channels (conditional WGAN-GP)")
     p.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
                    help="paper: gradient norm over time per (sample, feature) as the original; "
                         "sample: per-sample norm over all time steps and features (Gulrajani et al.)")

@@ -27,13 +27,13 @@ from arg_parser import PAPER_SOC_MODEL, build_parser, merge_saved_args
 from common import UserError, resolve_device
 from generate import labelled_sequences, real_steps
 from lean_lstm import unrolled
-from lg_dataset import LGDataset, load_sidecar
+from lg_dataset import LGDataset, load_sidecar, window_classes
 from run_dir import LOSS_COLUMNS, RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
-ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "generator_noise")
+ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "generator_noise", "condition")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
@@ -188,16 +188,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, lambda_term: float,
-                     norm: str = "paper", eta: torch.Tensor | None = None) -> torch.Tensor:
+                     norm: str = "paper", eta: torch.Tensor | None = None, features: int | None = None
+                     ) -> torch.Tensor:
     """lambda * E[(||grad critic(x_hat)|| - 1)^2] at random interpolates x_hat of real and fake [B, T, F].
     norm 'paper' takes the 2-norm over time per (sample, feature), as the original's norm(2, dim=1);
     'sample' takes it over all of a sample's steps and features, as Gulrajani et al.
-    eta [B, 1, 1]: the interpolation weights, drawn here when not given."""
+    eta [B, 1, 1]: the interpolation weights, drawn here when not given. features: only the first `features`
+    channels are the sequence (conditional: the class channels after them, equal in real and fake, are not)."""
     if eta is None:   # sized from the actual batch (the original crashed on a short last batch)
         eta = torch.rand(len(real), 1, 1, device=real.device)
     interpolated = (eta * real + (1 - eta) * fake).requires_grad_(True)
     score = critic(interpolated)
     grad, = torch.autograd.grad(score, interpolated, grad_outputs=torch.ones_like(score), create_graph=True)
+    grad = grad if features is None else grad[..., :features]
     grad_norm = grad.norm(2, dim=1) if norm == "paper" else grad.flatten(1).norm(2, dim=1)
     return ((grad_norm - 1) ** 2).mean() * lambda_term
 
@@ -254,9 +257,12 @@ class WGANGP:
 
     def __init__(self, generator: nn.Module, critic: nn.Module, g_optim: torch.optim.Optimizer,
                  d_optim: torch.optim.Optimizer, real: torch.Tensor, batch_size: int, seed: int,
-                 settings: WGANGPSettings, world: int = 1):
+                 settings: WGANGPSettings, world: int = 1, classes: torch.Tensor | None = None):
         self.G, self.D, self.g_optim, self.d_optim = generator, critic, g_optim, d_optim
         self.real, self.device, self.settings, self.world = real, real.device, settings, world
+        # conditional (--condition): each real window's class; None keeps the unconditional step op for op
+        self.classes = None if classes is None else classes.to(self.device)
+        self.n_classes = getattr(unwrap(generator), "n_classes", 0)
         self.batch_size = batch_size
         self.sampler = BatchSampler(len(real), batch_size, seed)
         if settings.precision == "bf16" and not bf16_lstm_supported(self.device):
@@ -264,8 +270,16 @@ class WGANGP:
                             "(bf16 is meant for GPUs)")
         set_tf32(settings.precision)
 
-    def noise(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device)
+    def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),
+                                classes)
+
+    def conditioned(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, C] with the classes' one-hot channels appended at every step (unchanged when None)."""
+        if classes is None:
+            return x
+        onehot = nn.functional.one_hot(classes, self.n_classes).to(x.dtype)
+        return torch.cat([x, onehot[:, None, :].expand(-1, x.shape[1], -1)], dim=2)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
@@ -273,10 +287,11 @@ class WGANGP:
     def critic_step(self) -> torch.Tensor:
         """One critic update; -> [d_loss, d_real, d_fake, gp] (d_loss = d_fake - d_real + gp)."""
         s, autocast = self.settings, self.autocast()
-        real = self.real[self.sampler.next_indices().to(self.device)]
+        idx = self.sampler.next_indices().to(self.device)
+        real, classes = self.real[idx], None if self.classes is None else self.classes[idx]
         b = len(real)
         with torch.no_grad(), autocast:   # the critic's loss needs no generator gradients
-            fake = self.G(self.noise(b)).float()
+            fake = self.G(self.noise(b, classes)).float()
         self.d_optim.zero_grad(set_to_none=True)
         # critic_chunk (0: whole batch) runs the passes below on balanced chunks of samples, each chunk's means
         # weighted by its share: exact up to rounding, and each chunk's graph is freed before the next, so the
@@ -289,8 +304,9 @@ class WGANGP:
         # (InstanceNorm and LSTMs are per sample), so this equals two separate calls up to rounding
         for part in parts:
             n, share = part.stop - part.start, (part.stop - part.start) / b
+            both = None if classes is None else classes[part].repeat(2)
             with autocast:
-                scores = self.D(torch.cat([real[part], fake[part]])).float()
+                scores = self.D(self.conditioned(torch.cat([real[part], fake[part]]), both)).float()
             d_real_part, d_fake_part = scores[:n].mean() * share, scores[n:].mean() * share
             (d_fake_part - d_real_part).backward()
             d_real, d_fake = d_real + d_real_part.detach(), d_fake + d_fake_part.detach()
@@ -300,9 +316,10 @@ class WGANGP:
         eta = torch.rand(b, 1, 1, device=self.device)   # one draw for the whole batch, whatever the chunks
         for part in parts:
             share = (part.stop - part.start) / b
+            c = None if classes is None else classes[part]
             with unrolled(self.D), torch.backends.cudnn.flags(enabled=False), autocast:
-                gp_part = gradient_penalty(self.D, real[part], fake[part], s.lambda_term, s.gp_norm,
-                                           eta[part]).float() * share
+                gp_part = gradient_penalty(self.D, self.conditioned(real[part], c), self.conditioned(fake[part], c),
+                                           s.lambda_term, s.gp_norm, eta[part], real.shape[2]).float() * share
             gp_part.backward()
             gp += gp_part.detach()
         if self.world > 1:
@@ -313,8 +330,11 @@ class WGANGP:
     def generator_step(self) -> torch.Tensor:
         self.D.requires_grad_(False)   # only the generator's gradients are needed
         self.g_optim.zero_grad(set_to_none=True)
+        classes = None   # conditional: classes as often as the real windows have them
+        if self.classes is not None:
+            classes = self.classes[torch.randint(len(self.classes), (self.batch_size,), device=self.device)]
         with self.autocast():
-            score = self.D(self.G(self.noise(self.batch_size))).float().mean()
+            score = self.D(self.conditioned(self.G(self.noise(self.batch_size, classes)), classes)).float().mean()
         (-score).backward()
         if self.world > 1:
             average_gradients(self.G, self.world)
@@ -460,6 +480,7 @@ class GANTrainerBase(ABC):
         self.scaler = (load_sidecar(self.data_path) or {}).get("scaler")   # None: metrics skip physical units
         self.train_data = dataset.data[:, :, :self.n_features].contiguous().to(self.device)
         n = len(dataset)
+        self.classes, self.class_names = condition_classes(a.condition, self.data_path, n)
         if self.batch_size > n:
             raise UserError(f"{self.data_path}: batch size {self.batch_size} is larger than the dataset "
                             f"({n} windows); use -b {n * self.world} or less")
@@ -479,7 +500,7 @@ class GANTrainerBase(ABC):
         if self.world > 1:   # ... but each rank its own noise and its own batches
             seed_everything(self.seed + self.rank)
         self.gan = WGANGP(self.G, self.D, g_optim, d_optim, self.train_data, self.batch_size, self.seed + self.rank,
-                          WGANGPSettings.from_args(self.args), self.world)
+                          WGANGPSettings.from_args(self.args), self.world, self.classes)
         self.start_epoch = 0
         self.best = {"g_loss": float("inf"), "g_epoch": 0, "d_loss": float("inf"), "d_epoch": 0}
         if self.checkpoint is not None:
@@ -601,13 +622,27 @@ class GANTrainerBase(ABC):
         return epoch
 
 
+def condition_classes(condition: str, data_path: Path, n: int) -> tuple[torch.Tensor | None, list[str]]:
+    """--condition temperature: each window's ambient temperature class, from the data sidecar's file_index
+    (which windows come from which file) -> (int64 [n], class names); (None, []) when unconditional."""
+    if condition == "none":
+        return None, []
+    side = load_sidecar(data_path) or {}
+    if not side.get("file_index") or side["file_index"][-1]["stop"] != n:
+        raise UserError(f"{data_path}: --condition temperature needs the sidecar's file_index for these {n} windows "
+                        f"(which window comes from which temperature); rebuild the data with python lg_dataset.py")
+    classes, names = window_classes(side)
+    return torch.from_numpy(classes), names
+
+
 def run_config(trainer: GANTrainerBase) -> dict:
     """config.json of a new run: its flags, where it ran, its data (path and SHA-256) and SOC model."""
     t = trainer
     return {
         "args": vars(t.args), "result_name": t.run.name, "command": sys.argv,
         "device": str(t.device), "device_ids": t.device_ids, "world_size": t.world, "seed": t.seed,
-        "seq_len": t.seq_len, "n_windows": len(t.train_data),
+        "seq_len": t.seq_len, "n_windows": len(t.train_data), "condition_classes": t.class_names,
+        "condition_shares": [] if t.classes is None else (np.bincount(t.classes.numpy()) / len(t.classes)).tolist(),
         "data_path": str(t.data_path), "data_sha256": sha256(t.data_path), "scaler": t.scaler,
         "soc_model": str(t.soc_model_path), "soc_backend": t.args.soc_backend,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -621,12 +656,14 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     (those of evaluate.py). Its randomness is separate from training's: the same epoch gives the same files."""
     t, a = trainer, trainer.args
     eval_seed = (t.seed * 1_000_003 + epoch) % 2 ** 63
+    idx = np.random.default_rng(eval_seed).integers(len(t.real_data), size=n)   # with replacement, as the original
+    classes = None if t.classes is None else t.classes.numpy()[idx]   # conditional: the real sample's classes
     t.G.eval()
     try:
-        fake, _ = labelled_sequences(unwrap(t.G), t.soc, n, eval_seed, a.soc_estimator_step, a.batch_size, t.device)
+        fake, _ = labelled_sequences(unwrap(t.G), t.soc, n, eval_seed, a.soc_estimator_step, a.batch_size, t.device,
+                                     classes=classes)
     finally:
         t.G.train()
-    idx = np.random.default_rng(eval_seed).integers(len(t.real_data), size=n)   # with replacement, as the original
 
     def real(rows: np.ndarray, segment: str = "aligned") -> np.ndarray:
         return real_steps(t.real_data[rows], t.seq_len, a.soc_estimator_step, segment)
@@ -638,7 +675,7 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     # distinct windows for the metrics: one window on both sides of a post-hoc split would flatter the scores
     distinct, seed = real(np.unique(idx)), eval_seed % 2 ** 32
     if a.eval_metrics == "quick":
-        return arrays, metrics.quick_metrics(distinct, fake, t.scaler, seed)
+        return arrays, metrics.quick_metrics(distinct, fake, t.scaler, seed) | per_class_metrics(t, idx, fake, seed)
     # --eval-metrics all: TSTR on the shipped real test cycles when their window matches -socs
     test_path = PROJECT_DIR / "data" / "lg_test_300_data.npy"
     test = np.load(test_path) if test_path.is_file() else None
@@ -646,6 +683,21 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
         test = None
     return arrays, metrics.all_metrics(distinct, fake, t.scaler, seed, t.device, test_windows=test,
                                        train_windows=t.real_data)
+
+
+def per_class_metrics(trainer: GANTrainerBase, idx: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+    """Conditional runs: every quick metric of each class's synthetic sequences against the real windows of that
+    class, as '<class>/<metric>' (classes with fewer than 4 sequences in the sample are left out)."""
+    t, out = trainer, {}
+    if t.classes is None:
+        return out
+    classes = t.classes.numpy()
+    for k, name in enumerate(t.class_names):
+        rows = classes[idx] == k
+        if rows.sum() >= MIN_EVAL_SAMPLES:
+            real = real_steps(t.real_data[np.unique(idx[rows])], t.seq_len, t.args.soc_estimator_step, "aligned")
+            out.update({f"{name}/{key}": v for key, v in metrics.quick_metrics(real, fake[rows], t.scaler, seed).items()})
+    return out
 
 
 def check_inputs(trainer: GANTrainerBase) -> None:

@@ -41,7 +41,8 @@ def load_generator(config: dict, epoch_dir: Path, device: torch.device) -> torch
     """The run's generator, built from its saved flags exactly as the trainer built it, with the epoch's weights."""
     from arg_parser import merge_saved_args
     from train_lstm_gan import build_generator
-    generator = build_generator(merge_saved_args(config["args"], []), config["seq_len"])
+    generator = build_generator(merge_saved_args(config["args"], []), config["seq_len"],
+                                len(config.get("condition_classes") or []))
     path = epoch_dir / "generator.pth"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -91,14 +92,22 @@ def real_steps(real: np.ndarray, seq_len: int, window: int, segment: str) -> np.
 # generation
 
 @torch.no_grad()
-def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, device: torch.device) -> np.ndarray:
+def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, device: torch.device,
+             classes: np.ndarray | None = None) -> np.ndarray:
     """n sequences [n, T, 3] of scaled V, I, T. The noise is drawn on the CPU from `seed`, so a seed gives the same
-    noise on any device; z ~ N(0, 1) [n, T, input_dim] as in training."""
+    noise on any device; z ~ N(0, 1) [n, T, input_dim] as in training. A conditional generator takes each
+    sequence's class (int [n]; default: the classes in the proportions of its training windows)."""
     rng = torch.Generator().manual_seed(seed)
+    n_classes = getattr(generator, "n_classes", 0)
+    if n_classes and classes is None:
+        raise ValueError("a conditional generator needs the class of every sequence")
     out = np.empty((n, generator.seq_len, generator.output_dim), np.float32)
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         z = torch.randn(size, generator.seq_len, generator.input_dim, generator=rng)
+        if n_classes:
+            onehot = torch.nn.functional.one_hot(torch.as_tensor(classes[start:start + size]), n_classes).float()
+            z = torch.cat([z, onehot[:, None, :].expand(-1, z.shape[1], -1)], dim=2)
         out[start:start + size] = generator(z.to(device)).float().cpu().numpy()
     return out
 
@@ -122,20 +131,53 @@ def label(soc, sequences: np.ndarray, window: int, first: int, length: int, prog
 
 
 def labelled_sequences(generator: torch.nn.Module, soc, n: int, seed: int, window: int, batch_size: int,
-                       device: torch.device, steps: str = "paper", progress: bool = False) -> tuple[np.ndarray, int]:
+                       device: torch.device, steps: str = "paper", progress: bool = False,
+                       classes: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """n generated sequences labelled by the SOC estimator, the kept steps only -> ([n, L, 4] scaled V, I, T +
     SOC, first generated step kept). The trainer's epoch snapshot, generate.py and evaluate.py all use this."""
     first, length = steps_kept(generator.seq_len, window, steps)
-    return label(soc, generate(generator, n, seed, batch_size, device), window, first, length, progress), first
+    fake = generate(generator, n, seed, batch_size, device, classes)
+    return label(soc, fake, window, first, length, progress), first
 
 
 def synthesize(run_dir: Path, config: dict, epoch_dir: Path, n: int, seed: int, device: torch.device,
-               batch_size: int = 256, steps: str = "paper", progress: bool = False) -> tuple[np.ndarray, int]:
-    """Labelled synthetic sequences [n, L, 4] (scaled V, I, T + SOC) and the first generated step they start at."""
+               batch_size: int = 256, steps: str = "paper", progress: bool = False,
+               classes: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Labelled synthetic sequences [n, L, 4] (scaled V, I, T + SOC) and the first generated step they start at.
+    A conditional run's sequences get `classes` (default: its training windows' class shares)."""
     generator = load_generator(config, epoch_dir, device)
     soc = load_soc(config, run_dir, device)
+    if generator.n_classes and classes is None:
+        classes = class_counts(config["condition_shares"], n)
     return labelled_sequences(generator, soc, n, seed, config["args"]["soc_estimator_step"], batch_size, device,
-                              steps, progress)
+                              steps, progress, classes)
+
+
+def class_counts(shares: list[float], n: int) -> np.ndarray:
+    """n class indices in the given shares (largest remainders), grouped by class: [0, 0, ..., 1, ..., 2]."""
+    exact = np.asarray(shares, np.float64) / np.sum(shares) * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact)[:n - counts.sum()]] += 1
+    return np.repeat(np.arange(len(shares)), counts)
+
+
+def temperature_shares(spec: str, names: list[str]) -> list[float]:
+    """--temperature '25' or '0:0.2,10:0.3,25:0.5' -> a share per class name ('0degC', ...)."""
+    temps = [float(name.removesuffix("degC")) for name in names]
+    shares = [0.0] * len(names)
+    for part in spec.split(","):
+        temp, _, share = part.partition(":")
+        try:
+            k, value = temps.index(float(temp)), float(share or 1)
+        except ValueError:
+            raise UserError(f"--temperature {spec}: {part!r} is not one of the run's classes "
+                            f"{', '.join(f'{t:g}' for t in temps)} (degC), optionally as T:share") from None
+        if not value >= 0:
+            raise UserError(f"--temperature {spec}: share {share} must be >= 0")
+        shares[k] += value
+    if sum(shares) <= 0:
+        raise UserError(f"--temperature {spec}: the shares add up to 0")
+    return shares
 
 
 def to_physical(x: np.ndarray, scaler: dict) -> np.ndarray:
@@ -190,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: the steps of the run's fake_data.npy; labelled: every step with an SOC label")
     p.add_argument("--batch-size", type=int, default=256, help="sequences per generator batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--temperature", default=None, metavar="SPEC",
+                   help="conditional runs (--condition temperature): the ambient temperature of the sequences, "
+                        "e.g. 25, or a mix '0:0.2,10:0.3,25:0.5' (default: the training windows' shares)")
     p.add_argument("--max-coulomb-error", type=float, default=None, metavar="PCT",
                    help="keep only sequences whose SOC labels stay within PCT %% SOC of charge counting on average "
                         "(metrics.coulomb_gap), drawing more until n are kept; the acceptance rate is reported")
@@ -215,8 +260,14 @@ def run(args: argparse.Namespace) -> Path:
     if args.max_coulomb_error is not None and not (scaler or {}).get("capacity_ah"):
         raise UserError(f"{run_dir / 'config.json'}: --max-coulomb-error needs the cell capacity, which neither the "
                         f"run's scaler nor its data sidecar records; rebuild the data with python lg_dataset.py")
+    names = config.get("condition_classes") or []
+    if args.temperature is not None and not names:
+        raise UserError(f"{run_dir / 'config.json'}: --temperature needs a run trained with --condition temperature")
+    shares = temperature_shares(args.temperature, names) if args.temperature else config.get("condition_shares")
+    classes = class_counts(shares, args.n_sequences) if names else None
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    x, first, drawn, passed = synthesize_checked(run_dir, config, epoch_dir, args, seed, device, scaler)
+    x, classes, first, drawn, passed = synthesize_checked(run_dir, config, epoch_dir, args, seed, device, scaler,
+                                                          classes)
     gap = coulomb_gap(x, scaler) if (scaler or {}).get("capacity_ah") else None
     columns = SCALED_COLUMNS if args.scaled else COLUMNS
     if not args.scaled:
@@ -228,7 +279,8 @@ def run(args: argparse.Namespace) -> Path:
             "steps": int(x.shape[1]), "first_generated_step": first, "generated_seq_len": config["seq_len"],
             "hz": HZ, "columns": list(columns), "npy_layout": "[sequence, step, (V, I, T, SOC)]",
             "scaled": args.scaled, "scaler": scaler, "soc": "SOC estimator " + str(config.get("soc_model")),
-            "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "soc_coulomb": coulomb}
+            "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "soc_coulomb": coulomb,
+            "ambient_temperature_per_sequence": None if classes is None else [names[k] for k in classes]}
     write_output(x, out, columns, meta)
     if coulomb is not None and args.max_coulomb_error is not None:
         print(f"kept {coulomb['kept']} of {drawn} sequences within {args.max_coulomb_error} % SOC of charge "
@@ -255,27 +307,34 @@ MAX_DRAW_ROUNDS = 20   # --max-coulomb-error: give up after this many rounds of 
 
 
 def synthesize_checked(run_dir: Path, config: dict, epoch_dir: Path, args: argparse.Namespace, seed: int,
-                       device: torch.device, scaler: dict | None) -> tuple[np.ndarray, int, int, int]:
+                       device: torch.device, scaler: dict | None, classes: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray | None, int, int, int]:
     """-n sequences (scaled), and with --max-coulomb-error only those within the tolerance, drawn in rounds
-    (each round its own seed) until n are kept -> (sequences, first generated step, drawn, within tolerance)."""
+    (each round its own seed) until n are kept -> (sequences, their classes, first generated step, drawn,
+    within tolerance)."""
     x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed, device, args.batch_size, args.steps,
-                          progress=True)
+                          progress=True, classes=classes)
     if args.max_coulomb_error is None:
-        return x, first, len(x), len(x)
-    kept, drawn = [x[coulomb_gap(x, scaler) <= args.max_coulomb_error]], len(x)
+        return x, classes, first, len(x), len(x)
+    all_classes = np.zeros(len(x), int) if classes is None else classes
+    ok = coulomb_gap(x, scaler) <= args.max_coulomb_error
+    kept, kept_classes, drawn = [x[ok]], [all_classes[ok]], len(x)
     for round_ in range(1, MAX_DRAW_ROUNDS):
         if sum(map(len, kept)) >= args.n_sequences:
             break
         more, _ = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed + round_, device, args.batch_size,
-                             args.steps, progress=True)
-        kept.append(more[coulomb_gap(more, scaler) <= args.max_coulomb_error])
+                             args.steps, progress=True, classes=classes)
+        ok = coulomb_gap(more, scaler) <= args.max_coulomb_error
+        kept.append(more[ok])
+        kept_classes.append(all_classes[ok])
         drawn += len(more)
     passed = sum(map(len, kept))
     x = np.concatenate(kept)[:args.n_sequences]
+    classes = None if classes is None else np.concatenate(kept_classes)[:args.n_sequences]
     if len(x) < args.n_sequences:
         raise UserError(f"{epoch_dir}: only {len(x)} of {drawn} sequences are within {args.max_coulomb_error} % SOC "
                         f"of charge counting; raise --max-coulomb-error or use a better-trained epoch")
-    return x, first, drawn, passed
+    return x, classes, first, drawn, passed
 
 
 def main(argv: list[str] | None = None) -> int:

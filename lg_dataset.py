@@ -430,6 +430,19 @@ def load_sidecar(npy_path: str | Path) -> dict | None:
     return side
 
 
+def window_classes(meta: dict) -> tuple[np.ndarray, list[str]]:
+    """Each window's ambient temperature class, from a sidecar's file_index -> (int64 [n] index into names,
+    names sorted by temperature, e.g. ['0degC', '10degC', '25degC'])."""
+    index = meta["file_index"]
+    names = sorted({item["temp"] for item in index}, key=lambda t: float(t.removesuffix("degC")))
+    classes = np.full(index[-1]["stop"], -1, np.int64)
+    for item in index:
+        classes[item["start"]:item["stop"]] = names.index(item["temp"])
+    if (classes < 0).any():
+        raise DataError("the sidecar's file_index leaves windows without a file; rebuild with python lg_dataset.py")
+    return classes, names
+
+
 def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, required: bool = True,
           scaler: dict | None = None, scaler_files: list[str] | None = None) -> tuple[np.ndarray, dict]:
     """Windows [n, seq_len, 4] float32 (V, I, T scaled; SOC) of the given files, and their sidecar dict.

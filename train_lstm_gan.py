@@ -54,11 +54,12 @@ class Generator(nn.Module):
     half of z's channels at their first step's values (a per-sequence latent; same parameters)."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
-                 scale: float = 1.0, norm_layout: str = "paper", noise: str = "step"):
+                 scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0):
         super().__init__()
         self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
-        self.norm_layout, self.noise = norm_layout, noise
-        widths = [input_dim] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
+        self.norm_layout, self.noise, self.n_classes = norm_layout, noise, n_classes
+        # conditional: z carries n_classes one-hot channels after its input_dim noise channels
+        widths = [input_dim + n_classes] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
         for i in range(4):
             setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
             setattr(self, f"batch_norm_{i + 1}", nn.BatchNorm2d(widths[i + 1]))
@@ -115,13 +116,14 @@ class Discriminator(nn.Module):
 N_FEATURES = 3   # the GAN generates V, I, T; the SOC estimator labels them
 
 
-def build_generator(args: argparse.Namespace, seq_len: int) -> Generator:
+def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0) -> Generator:
     return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
-                     args.norm_layout, args.generator_noise)
+                     args.norm_layout, args.generator_noise, n_classes)
 
 
-def build_critic(args: argparse.Namespace) -> Discriminator:
-    return Discriminator(N_FEATURES, args.discriminator_dropout, args.model_scale, args.norm_layout,
+def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:
+    """Conditional: the sequence's N_FEATURES channels are followed by n_classes one-hot channels."""
+    return Discriminator(N_FEATURES + n_classes, args.discriminator_dropout, args.model_scale, args.norm_layout,
                          args.critic_norm)
 
 
@@ -138,7 +140,8 @@ class TrainLSTMGAN(GANTrainerBase):
     trainer_name = "lstm_gan"
 
     def build_models(self) -> tuple[nn.Module, nn.Module]:
-        return build_generator(self.args, self.seq_len), build_critic(self.args)
+        n_classes = len(self.class_names)
+        return build_generator(self.args, self.seq_len, n_classes), build_critic(self.args, n_classes)
 
     def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         return build_optimizers(self.args, self.G, self.D)

@@ -1,0 +1,128 @@
+"""--condition temperature: the windows' temperature classes from the data sidecar, a conditional GAN that trains,
+resumes exactly and runs under torchrun, per-class metrics, and generate.py --temperature."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import generate
+import lg_dataset
+from conftest import ROOT, SCALER, read_losses, run_dirs, tiny_args
+from train_lstm_gan import main
+
+ROWS = np.arange(0, 2030, 80)[:24]   # real windows from all three temperatures, in file order
+
+
+@pytest.fixture(scope="module")
+def cond_data(tmp_path_factory) -> Path:
+    """24 real 40-step windows with a sidecar whose file_index says which temperature each comes from."""
+    shipped = lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy")
+    classes, names = lg_dataset.window_classes(shipped)
+    temps = [names[k] for k in classes[ROWS]]
+    index, start = [], 0
+    for temp in dict.fromkeys(temps):
+        stop = start + temps.count(temp)
+        index.append({"file": f"{temp}/tiny", "temp": temp, "start": start, "stop": stop, "rows": 40})
+        start = stop
+    path = tmp_path_factory.mktemp("cond") / "tiny.npy"
+    np.save(path, np.ascontiguousarray(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[ROWS, :40]))
+    path.with_suffix(".json").write_text(json.dumps({"scaler": SCALER, "file_index": index}))
+    return path
+
+
+def cond_args(data, soc_model, results, *extra):
+    return tiny_args(data, soc_model, results, "--condition", "temperature", "-ess", "24", *extra)
+
+
+def test_window_classes_follow_the_file_index():
+    shipped = lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy")
+    classes, names = lg_dataset.window_classes(shipped)
+    assert names == ["0degC", "10degC", "25degC"] and len(classes) == 2030
+    assert [int((classes == k).sum()) for k in range(3)] == [shipped["windows_per_temp"][n] for n in names]
+
+
+def test_conditional_run_records_classes_resumes_exactly_and_reports_each_class(cond_data, soc_model, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2")) == 0
+    [run] = run_dirs(straight)
+    config = json.loads((run / "config.json").read_text())
+    assert config["condition_classes"] == ["0degC", "10degC", "25degC"]
+    assert config["condition_shares"] == pytest.approx([8 / 24, 9 / 24, 7 / 24])
+    quality = json.loads((run / "4_epoch" / "metrics.json").read_text())
+    per_class = [k for k in quality if k.endswith("/w1_mean")]
+    assert per_class and all(k.split("/")[0] in config["condition_classes"] for k in per_class)
+    assert all(np.isfinite(v) for v in quality.values())
+    # the generator and the critic see the one-hot classes: 3 more input channels each
+    state = torch.load(run / "4_epoch" / "generator.pth")
+    assert state["lstm_1.weight_ih_l0"].shape[1] == 8 + 3
+    resumed = tmp_path / "resumed"
+    assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2")) == 0
+    [half] = run_dirs(resumed)
+    assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
+    assert read_losses(half) == read_losses(run)
+    assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "5", "--condition", "none"]) == 2
+
+
+def test_generate_temperature_picks_the_class(cond_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(cond_args(cond_data, soc_model, results, "-e", "1", "-s", "1")) == 0
+    [run] = run_dirs(results)
+
+    def gen(*extra):
+        return generate.main(["-r", run.name, "--results-dir", str(results), "--device", "cpu", "--seed", "1",
+                              "--scaled", *extra])
+    assert gen("-n", "3", "-o", str(tmp_path / "t25.npy"), "--temperature", "25") == 0
+    meta = json.loads((tmp_path / "t25.npy.json").read_text())
+    assert meta["ambient_temperature_per_sequence"] == ["25degC"] * 3
+    assert gen("-n", "4", "-o", str(tmp_path / "mix.npy"), "--temperature", "0:1,25:1") == 0
+    meta = json.loads((tmp_path / "mix.npy.json").read_text())
+    assert meta["ambient_temperature_per_sequence"] == ["0degC", "0degC", "25degC", "25degC"]
+    # the class changes what is generated; the noise (same seed) does not change with it
+    a, b = np.load(tmp_path / "t25.npy"), np.load(tmp_path / "mix.npy")
+    assert not np.allclose(a[:2], b[:2])
+    capsys.readouterr()
+    assert gen("-n", "2", "-o", str(tmp_path / "bad.npy"), "--temperature", "40") == 2
+    assert "not one of the run's classes 0, 10, 25" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npy").exists()
+    # evaluate.py generates a conditional run's sequences in its training shares
+    import evaluate
+    assert evaluate.main(["-r", run.name, "--results-dir", str(results), "--quick", "--device", "cpu",
+                          "--n-samples", "12"]) == 0
+
+
+def test_temperature_needs_a_conditional_run(tiny_run, tmp_path, capsys):
+    code = generate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "-n", "2", "-o",
+                          str(tmp_path / "x.npy"), "--temperature", "25"])
+    assert code == 2 and "--condition temperature" in capsys.readouterr().err
+
+
+def test_condition_without_a_file_index_is_refused(tiny_data, soc_model, tmp_path, capsys):
+    assert main(cond_args(tiny_data, soc_model, tmp_path / "results", "-e", "1")) == 2
+    assert "file_index" in capsys.readouterr().err and not (tmp_path / "results").exists()
+
+
+def test_class_counts_keep_the_shares():
+    assert generate.class_counts([1, 1, 2], 8).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert np.bincount(generate.class_counts([0.3, 0.3, 0.4], 10)).tolist() == [3, 3, 4]
+    assert len(generate.class_counts([8 / 24, 9 / 24, 7 / 24], 5)) == 5
+
+
+@pytest.mark.slow
+def test_conditional_training_under_torchrun(cond_data, soc_model, tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29614",
+           str(ROOT / "tests" / "ddp_driver.py"), str(tmp_path), *cond_args(cond_data, soc_model, results, "-e", "2",
+                                                                            "-s", "2")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [run] = run_dirs(results)
+    assert [r[0] for r in read_losses(run)[1:]] == ["1", "2"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    key = "lstm_1.weight_ih_l0"
+    assert torch.equal(ranks[0]["D"][key], ranks[1]["D"][key]) and ranks[0]["D"][key].shape[1] == 3 + 3
