@@ -1,7 +1,6 @@
 """metrics.py: the metrics tell real data held out of the same set from obviously bad synthetic data
 (time steps shuffled, constant sequences), physics checks by hand, reproducibility, speed."""
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +71,12 @@ def test_quick_metrics_report_diverged_output_instead_of_crashing(sets):
     assert q["nonfinite_share"] == pytest.approx(0.1)
 
 
-def test_quick_metrics_is_fast_and_reproducible_at_the_papers_size():
+def test_quick_metrics_are_reproducible_at_the_papers_size():
+    # ~1.3 s on a loaded 2-core machine (not asserted: speed belongs to bench.py and the docs)
     rng = np.random.default_rng(1)
     real = rng.random((4000, 300, 4), dtype=np.float32)
     fake = rng.random((4000, 300, 4), dtype=np.float32)
-    start = time.perf_counter()
     first = metrics.quick_metrics(real, fake, SCALER, seed=3)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 6.0   # ~1.3 s measured on a loaded 2-core machine; the budget is ~2 s
     assert metrics.quick_metrics(real, fake, SCALER, seed=3) == first
 
 
