@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import sklearn
@@ -25,7 +26,7 @@ from tqdm import tqdm
 import metrics
 from arg_parser import PAPER_SOC_MODEL, build_parser, merge_saved_args
 from common import UserError, resolve_device
-from generate import labelled_sequences, real_steps
+from generate import labelled_sequences, real_steps, with_class_channels
 from lean_lstm import unrolled
 from lg_dataset import LGDataset, load_sidecar, window_classes
 from run_dir import LOSS_COLUMNS, RunDir
@@ -275,11 +276,7 @@ class WGANGP:
                                 classes)
 
     def conditioned(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, C] with the classes' one-hot channels appended at every step (unchanged when None)."""
-        if classes is None:
-            return x
-        onehot = nn.functional.one_hot(classes, self.n_classes).to(x.dtype)
-        return torch.cat([x, onehot[:, None, :].expand(-1, x.shape[1], -1)], dim=2)
+        return with_class_channels(x, classes, self.n_classes)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
@@ -675,7 +672,8 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     # distinct windows for the metrics: one window on both sides of a post-hoc split would flatter the scores
     distinct, seed = real(np.unique(idx)), eval_seed % 2 ** 32
     if a.eval_metrics == "quick":
-        return arrays, metrics.quick_metrics(distinct, fake, t.scaler, seed) | per_class_metrics(t, idx, fake, seed)
+        return arrays, metrics.quick_metrics(distinct, fake, t.scaler, seed) | per_class_metrics(t, idx, fake, seed,
+                                                                                                  real)
     # --eval-metrics all: TSTR on the shipped real test cycles when their window matches -socs
     test_path = PROJECT_DIR / "data" / "lg_test_300_data.npy"
     test = np.load(test_path) if test_path.is_file() else None
@@ -685,9 +683,11 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
                                        train_windows=t.real_data)
 
 
-def per_class_metrics(trainer: GANTrainerBase, idx: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+def per_class_metrics(trainer: GANTrainerBase, idx: np.ndarray, fake: np.ndarray, seed: int,
+                      real: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
     """Conditional runs: every quick metric of each class's synthetic sequences against the real windows of that
-    class, as '<class>/<metric>' (classes with fewer than 4 sequences in the sample are left out)."""
+    class (real(rows): their compared steps), as '<class>/<metric>' (classes with fewer than 4 sequences in the
+    sample are left out)."""
     t, out = trainer, {}
     if t.classes is None:
         return out
@@ -695,8 +695,8 @@ def per_class_metrics(trainer: GANTrainerBase, idx: np.ndarray, fake: np.ndarray
     for k, name in enumerate(t.class_names):
         rows = classes[idx] == k
         if rows.sum() >= MIN_EVAL_SAMPLES:
-            real = real_steps(t.real_data[np.unique(idx[rows])], t.seq_len, t.args.soc_estimator_step, "aligned")
-            out.update({f"{name}/{key}": v for key, v in metrics.quick_metrics(real, fake[rows], t.scaler, seed).items()})
+            quality = metrics.quick_metrics(real(np.unique(idx[rows])), fake[rows], t.scaler, seed)
+            out.update({f"{name}/{key}": v for key, v in quality.items()})
     return out
 
 

@@ -91,6 +91,15 @@ def real_steps(real: np.ndarray, seq_len: int, window: int, segment: str) -> np.
 # ----------------------------------------------------------------------------------------------------------------
 # generation
 
+def with_class_channels(x: torch.Tensor, classes: torch.Tensor | None, n_classes: int) -> torch.Tensor:
+    """x [B, T, C] with each row's class appended as n_classes one-hot channels at every step (x when None): the
+    conditional generator's noise and the conditional critic's input."""
+    if classes is None:
+        return x
+    onehot = torch.nn.functional.one_hot(classes, n_classes).to(x.dtype)
+    return torch.cat([x, onehot[:, None, :].expand(-1, x.shape[1], -1)], dim=2)
+
+
 @torch.no_grad()
 def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, device: torch.device,
              classes: np.ndarray | None = None) -> np.ndarray:
@@ -105,9 +114,8 @@ def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, dev
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         z = torch.randn(size, generator.seq_len, generator.input_dim, generator=rng)
-        if n_classes:
-            onehot = torch.nn.functional.one_hot(torch.as_tensor(classes[start:start + size]), n_classes).float()
-            z = torch.cat([z, onehot[:, None, :].expand(-1, z.shape[1], -1)], dim=2)
+        part = torch.as_tensor(classes[start:start + size]) if n_classes else None
+        z = with_class_channels(z, part, n_classes)
         out[start:start + size] = generator(z.to(device)).float().cpu().numpy()
     return out
 
@@ -291,13 +299,13 @@ def run(args: argparse.Namespace) -> Path:
 def run_scaler(config: dict) -> dict | None:
     """The run's scaler; a run made before the data sidecar recorded the cell capacity gets it from that sidecar
     when the two scalers agree (same min and max)."""
-    from lg_dataset import load_sidecar
+    from lg_dataset import DataError, load_sidecar
     scaler = config.get("scaler")
-    if scaler is None or scaler.get("capacity_ah"):
+    if scaler is None or scaler.get("capacity_ah") or not config.get("data_path"):
         return scaler
     try:
-        data_scaler = (load_sidecar(config.get("data_path", "")) or {}).get("scaler") or {}
-    except Exception:   # an unreadable sidecar only means no capacity: the rest works without it
+        data_scaler = (load_sidecar(config["data_path"]) or {}).get("scaler") or {}
+    except (DataError, OSError):   # an unreadable sidecar only means no capacity: the rest works without it
         return scaler
     same = data_scaler.get("min") == scaler.get("min") and data_scaler.get("max") == scaler.get("max")
     return scaler | {"capacity_ah": data_scaler["capacity_ah"]} if same and data_scaler.get("capacity_ah") else scaler
@@ -312,25 +320,21 @@ def synthesize_checked(run_dir: Path, config: dict, epoch_dir: Path, args: argpa
     """-n sequences (scaled), and with --max-coulomb-error only those within the tolerance, drawn in rounds
     (each round its own seed) until n are kept -> (sequences, their classes, first generated step, drawn,
     within tolerance)."""
-    x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed, device, args.batch_size, args.steps,
-                          progress=True, classes=classes)
-    if args.max_coulomb_error is None:
-        return x, classes, first, len(x), len(x)
-    all_classes = np.zeros(len(x), int) if classes is None else classes
-    ok = coulomb_gap(x, scaler) <= args.max_coulomb_error
-    kept, kept_classes, drawn = [x[ok]], [all_classes[ok]], len(x)
-    for round_ in range(1, MAX_DRAW_ROUNDS):
+    kept, masks, drawn = [], [], 0
+    for round_ in range(MAX_DRAW_ROUNDS):
+        x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed + round_, device, args.batch_size,
+                              args.steps, progress=True, classes=classes)
+        drawn += len(x)
+        if args.max_coulomb_error is None:
+            return x, classes, first, drawn, drawn
+        masks.append(coulomb_gap(x, scaler) <= args.max_coulomb_error)
+        kept.append(x[masks[-1]])
         if sum(map(len, kept)) >= args.n_sequences:
             break
-        more, _ = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed + round_, device, args.batch_size,
-                             args.steps, progress=True, classes=classes)
-        ok = coulomb_gap(more, scaler) <= args.max_coulomb_error
-        kept.append(more[ok])
-        kept_classes.append(all_classes[ok])
-        drawn += len(more)
     passed = sum(map(len, kept))
     x = np.concatenate(kept)[:args.n_sequences]
-    classes = None if classes is None else np.concatenate(kept_classes)[:args.n_sequences]
+    if classes is not None:   # every round draws the same classes: keep those of the kept sequences
+        classes = np.concatenate([classes[ok] for ok in masks])[:args.n_sequences]
     if len(x) < args.n_sequences:
         raise UserError(f"{epoch_dir}: only {len(x)} of {drawn} sequences are within {args.max_coulomb_error} % SOC "
                         f"of charge counting; raise --max-coulomb-error or use a better-trained epoch")
