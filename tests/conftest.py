@@ -77,13 +77,22 @@ def read_losses(run: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+def epochs_recorded(results: Path) -> int:
+    """Epochs in the first run's losses.csv; 0 while the run folder or its file does not exist yet (the trainer
+    makes the folder before it writes the file)."""
+    runs = run_dirs(results)
+    if not runs or not (runs[0] / "losses.csv").exists():
+        return 0
+    return len(read_losses(runs[0])) - 1
+
+
 def stop_training(data: Path, soc_model: Path, results: Path, signum: signal.Signals) -> tuple[int, str]:
     """Start a long tiny run, send signum once a few epochs are recorded -> (exit code, stdout)."""
     cmd = [sys.executable, str(ROOT / "train_lstm_gan.py"), *tiny_args(data, soc_model, results, "-e", "500")]
     proc = subprocess.Popen(cmd, cwd=results.parent, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (run_dirs(results) and len(read_losses(run_dirs(results)[0])) > 2):
+    while time.time() < deadline and epochs_recorded(results) <= 1:
         time.sleep(0.05)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
