@@ -127,9 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance: the original InstanceNorm after each critic LSTM (laid out by --norm-layout); "
                         "layer: normalise each time step over its features (parameter-free layer norm, the "
                         "WGAN-GP paper's choice for a critic), which keeps each sequence's levels visible")
-    p.add_argument("--generator-noise", choices=["step", "mixed"], default="step",
+    p.add_argument("--critic-readout", choices=["last", "mean"], default="last",
+                   help="last: the critic scores the last time step's features (the paper); mean: the features of "
+                        "every step averaged over time before the linear head, so every step's dynamics are judged")
+    p.add_argument("--generator-noise", choices=["step", "mixed", "smooth"], default="step",
                    help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
-                        "the -gid channels drawn once per sequence and held over time, a per-sequence latent")
+                        "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "
+                        "smooth: as mixed, with the other half an AR(1) process of time constant 3 s")
     p.add_argument("--condition", choices=["none", "temperature"], default="none",
                    help="none: unconditional, as the paper; temperature: the ambient temperature class of each "
                         "window (0, 10, 25 degC, from the data sidecar) is given to the generator with the noise and "

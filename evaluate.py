@@ -17,7 +17,8 @@ same steps too unless --pca-segment paper (the original: real steps 0..L-1 vs sy
 The TSTR/TRTR SOC task tests on --test (the real test cycles). Same --seed, same numbers on CPU.
 --curve draws the losses and every metric of the snapshots' metrics.json against the epoch into <run>/curve.png
 (numbers in curve.json), each with its real-vs-real floor: two disjoint samples of real windows of the snapshots'
-size (-ess), measured as the trainer measures the synthetic ones.
+size (-ess), measured as the trainer measures the synthetic ones; and, dotted, the floor of real V, I, T labelled by
+the run's SOC estimator (the best a generator can score on the SOC metrics, whose SOC is the estimator's).
 """
 import argparse
 import json
@@ -33,7 +34,7 @@ import torch
 
 import metrics
 from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
-from generate import real_steps, run_scaler, synthesize
+from generate import label, load_soc, real_steps, run_scaler, steps_kept, synthesize
 from run_dir import RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -208,12 +209,29 @@ def epoch_arg(text: str) -> int | str:
 # ----------------------------------------------------------------------------------------------------------------
 # learning curve
 
-def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int) -> dict[str, float]:
-    """The quick metrics of real against real: disjoint samples of n windows each, over the synthetic steps."""
-    real = real_steps(real_all, config["seq_len"], config["args"]["soc_estimator_step"], "aligned")
+def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int, soc=None) -> dict[str, float]:
+    """The quick metrics of real against real: disjoint samples of n windows each, over the synthetic steps. With
+    an SOC estimator, the second sample's SOC is the estimator's label instead of the coulomb count: what a
+    generator whose V, I, T were real would score, since its SOC is labelled the same way."""
+    window = config["args"]["soc_estimator_step"]
+    real = real_steps(real_all, config["seq_len"], window, "aligned")
     n = min(n, len(real) // 2)
     idx = np.random.default_rng(seed).permutation(len(real))
-    return metrics.quick_metrics(real[idx[:n]], real[idx[n:2 * n]], run_scaler(config), seed)
+    other = real[idx[n:2 * n]]
+    if soc is not None:
+        first, length = steps_kept(config["seq_len"], window, "paper")
+        other = label(soc, real_all[idx[n:2 * n], :, :3], window, first, length)
+    return metrics.quick_metrics(real[idx[:n]], other, run_scaler(config), seed)
+
+
+def labelled_floor(run_dir: Path, config: dict, real_all: np.ndarray, n: int, seed: int,
+                   device: torch.device) -> dict[str, float]:
+    """curve_floor with estimator labels, kept in curve.json: labelling n windows takes a minute on a CPU."""
+    cached = read_json(run_dir / "curve.json")
+    if (cached.get("floor_seed"), cached.get("floor_windows")) == (seed, min(n, len(real_all) // 2)) \
+            and cached.get("floor_labelled"):
+        return cached["floor_labelled"]
+    return curve_floor(real_all, config, n, seed, load_soc(config, run_dir, device))
 
 
 def loss_columns(run: RunDir) -> dict[str, np.ndarray]:
@@ -224,8 +242,9 @@ def loss_columns(run: RunDir) -> dict[str, np.ndarray]:
     return {name: np.array([float(r[k]) for r in rows[1:]]) for k, name in enumerate(rows[0])}
 
 
-def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> Path:
-    """Losses and snapshot metrics against the epoch, floors dashed; curve.png and curve.json in the run."""
+def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int, device: torch.device) -> Path:
+    """Losses and snapshot metrics against the epoch, floors dashed (real vs real) and dotted (real V, I, T with
+    the estimator's SOC vs real); curve.png and curve.json in the run."""
     losses = loss_columns(RunDir(run_dir))
     # every snapshot's metrics.json, also where a shipped run kept only that of its older snapshots
     found = {int(p.parent.name.split("_")[0]): read_json(p) for p in run_dir.glob("*_epoch/metrics.json")
@@ -234,7 +253,9 @@ def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> 
     if not snapshots:
         raise UserError(f"{run_dir}: no snapshot with metrics.json yet; train past the first -s epoch")
     keys = sorted({k for m in snapshots.values() for k in m if not k.startswith("real_")})
-    floor = curve_floor(real_all, config, config["args"]["evaluate_sample_size"], seed)
+    n = config["args"]["evaluate_sample_size"]
+    floor = curve_floor(real_all, config, n, seed)
+    floor_labelled = labelled_floor(run_dir, config, real_all, n, seed, device)
     epochs = sorted(snapshots)
     cols = 4
     rows = -(-(len(keys) + 1) // cols)
@@ -251,6 +272,8 @@ def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> 
         ax.plot(epochs, [snapshots[n].get(key, np.nan) for n in epochs], "o-", ms=3, lw=1, label="synthetic")
         if key in floor:
             ax.axhline(floor[key], color="k", ls="--", lw=0.8, label="real vs real")
+        if key in floor_labelled and not np.isclose(floor_labelled[key], floor.get(key, np.nan)):
+            ax.axhline(floor_labelled[key], color="tab:red", ls=":", lw=1, label="real, estimator's SOC")
         ax.set_title(key, fontsize=9)
     axes.flat[1].legend(fontsize=7)
     for ax in axes.flat[len(keys) + 1:]:
@@ -265,7 +288,7 @@ def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int) -> 
     save_figure(fig, out)
     atomic_json(run_dir / "curve.json", {"epochs": epochs, "metrics": {k: [snapshots[n].get(k) for n in epochs]
                                                                       for k in keys},
-                                        "floor": floor, "floor_seed": seed,
+                                        "floor": floor, "floor_labelled": floor_labelled, "floor_seed": seed,
                                         "floor_windows": min(config["args"]["evaluate_sample_size"],
                                                              len(real_all) // 2)})
     return out
@@ -314,7 +337,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"{args.real_path}: windows of {real_all.shape[1]} steps, but the run generates "
                             f"{config['seq_len']}; pass the run's training data with --real")
     if args.curve:
-        out = plot_curve(run_dir, config, real_all, args.seed)
+        out = plot_curve(run_dir, config, real_all, args.seed, device)
         print(f"wrote {out}")
         return [out]
     if not args.generate:

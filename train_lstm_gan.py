@@ -5,6 +5,7 @@ the shared loop in gan_trainer_base.py.
     python train_lstm_gan.py --model-scale 0.125 -e 20 -s 10 -ess 64   # a CPU demo
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -17,6 +18,7 @@ from common import cli
 from gan_trainer_base import GANTrainerBase
 from lean_lstm import LeanLSTM
 
+NOISE_TIME_STEPS = 30   # --generator-noise smooth: 3 s at 10 Hz, the time over which the real traces' ACF falls to 1/e
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
 CRITIC_WIDTHS = (128, 256, 512, 1024)
 
@@ -48,10 +50,24 @@ class InstanceNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps)
 
 
+def ar1(z: torch.Tensor, time_steps: float) -> torch.Tensor:
+    """i.i.d. N(0, 1) noise [B, T, C] -> a stationary AR(1) process over T with unit variance and correlation
+    exp(-lag / time_steps): slow noise, as the real traces change slowly at 10 Hz."""
+    a = math.exp(-1.0 / time_steps)
+    b = math.sqrt(1.0 - a * a)
+    out = torch.empty_like(z)
+    out[:, 0] = z[:, 0]
+    for t in range(1, z.shape[1]):
+        out[:, t] = a * out[:, t - 1] + b * z[:, t]
+    return out
+
+
 class Generator(nn.Module):
     """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
     no output activation. Module names match the original so its state dicts load. noise 'mixed' holds the first
-    half of z's channels at their first step's values (a per-sequence latent; same parameters)."""
+    half of z's channels at their first step's values (a per-sequence latent; same parameters); 'smooth' also
+    turns the other half into an AR(1) process with a time constant of NOISE_TIME_STEPS (still N(0, 1) at every
+    step)."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
                  scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0):
@@ -70,9 +86,10 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = z
-        if self.noise == "mixed":   # i.i.d. noise at every step gives the LSTMs nothing that lasts a sequence
+        if self.noise in ("mixed", "smooth"):   # i.i.d. noise at every step gives the LSTMs nothing that lasts
             k = self.input_dim // 2
-            x = torch.cat([z[:, :1, :k].expand(-1, z.shape[1], -1), z[:, :, k:]], dim=2)
+            varying = z[:, :, k:] if self.noise == "mixed" else ar1(z[:, :, k:], NOISE_TIME_STEPS)
+            x = torch.cat([z[:, :1, :k].expand(-1, z.shape[1], -1), varying], dim=2)
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
             x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)
@@ -84,14 +101,14 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm (--critic-norm layer:
     a per-step layer norm) + LeakyReLU(0.2);
-    the last time step's features go through Linear(1024, 1). No sigmoid: it scores, it does not classify.
-    Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
+    the last time step's features go through Linear(1024, 1) (--critic-readout mean: every step's features, averaged
+    over time). No sigmoid: it scores, it does not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
 
     def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
-                 norm: str = "instance"):
+                 norm: str = "instance", readout: str = "last"):
         super().__init__()
         self.input_dim = input_dim
-        self.norm_layout, self.norm = norm_layout, norm
+        self.norm_layout, self.norm, self.readout = norm_layout, norm, readout
         widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
         for i in range(4):
             setattr(self, f"lstm_{i + 1}", LeanLSTM(widths[i], widths[i + 1], batch_first=True))
@@ -109,6 +126,8 @@ class Discriminator(nn.Module):
                 x = normalize(x, getattr(self, f"instance_norm_{i}"), self.norm_layout)
             if i < 4:
                 x = self.dropout(getattr(self, f"relu_{i}")(x))
+        if self.readout == "mean":   # a score from every step: each step's dynamics get a gradient, not the last's
+            return self.linear(self.dropout(self.relu_4(x)).mean(dim=1))
         # as the original: the activation is applied to the last time step only, then the linear head
         return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
 
@@ -124,7 +143,7 @@ def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0) 
 def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:
     """Conditional: the sequence's N_FEATURES channels are followed by n_classes one-hot channels."""
     return Discriminator(N_FEATURES + n_classes, args.discriminator_dropout, args.model_scale, args.norm_layout,
-                         args.critic_norm)
+                         args.critic_norm, args.critic_readout)
 
 
 def build_optimizers(args: argparse.Namespace, generator: nn.Module, critic: nn.Module) -> tuple[Adam, Adam]:

@@ -39,6 +39,25 @@ def test_mixed_noise_holds_half_the_channels_for_the_whole_sequence():
         assert not torch.allclose(step(later_held), step(z))   # the paper's generator reads every step
 
 
+def test_smooth_noise_is_slow_unit_noise_and_mixed_otherwise():
+    torch.manual_seed(0)
+    z = torch.randn(512, 300, 4)
+    slow = train_lstm_gan.ar1(z, 30)
+    assert abs(slow.std().item() - 1) < 0.05                                   # still N(0, 1) at every step
+    for lag in (1, 10, 30):
+        corr = (slow[:, lag:] * slow[:, :-lag]).mean().item()
+        assert abs(corr - np.exp(-lag / 30)) < 0.05, lag                       # correlation exp(-lag / 30)
+    assert abs((z[:, 10:] * z[:, :-10]).mean().item()) < 0.02                 # the i.i.d. input has none
+    mixed, smooth = (train_lstm_gan.Generator(8, 3, 12, scale=0.02, noise=n).eval() for n in ("mixed", "smooth"))
+    smooth.load_state_dict(mixed.state_dict())
+    z = torch.randn(2, 12, 8)
+    held_only = z.clone()
+    held_only[:, :, 4:] = 0                    # no varying half: both are the same function of the held half
+    with torch.no_grad():
+        assert torch.equal(smooth(held_only), mixed(held_only))
+        assert not torch.allclose(smooth(z), mixed(z))
+
+
 def test_layer_critic_norm_normalises_each_step_over_features():
     torch.manual_seed(0)
     instance = train_lstm_gan.Discriminator(3, scale=0.05)
@@ -55,6 +74,24 @@ def test_layer_critic_norm_normalises_each_step_over_features():
     # which takes each channel's mean over time away
     shifted = x + torch.tensor([0.3, 0.0, 0.0])
     assert not torch.allclose(layer(shifted), layer(x))
+
+
+def test_mean_readout_scores_every_step():
+    torch.manual_seed(0)
+    last = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer")
+    mean = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="mean")
+    mean.load_state_dict(last.state_dict())   # same parameters: only where the head reads
+    x = torch.rand(2, 9, 3, requires_grad=True)
+    h = x
+    for i in range(1, 5):
+        h, _ = getattr(mean, f"lstm_{i}")(h)
+        h = torch.nn.functional.leaky_relu(torch.nn.functional.layer_norm(h, h.shape[-1:]), 0.2)
+    torch.testing.assert_close(mean(x), mean.linear(h.mean(1)))
+    # the paper's readout judges the first steps only through the recurrence; the mean reaches them directly
+    g_last, = torch.autograd.grad(last(x).sum(), x)
+    g_mean, = torch.autograd.grad(mean(x).sum(), x)
+    share = lambda g: (g[:, :3].abs().sum() / g.abs().sum()).item()
+    assert share(g_mean) > share(g_last)
 
 
 def test_auto_critic_chunk_follows_memory():
@@ -93,7 +130,7 @@ def test_first_epoch_projection_is_printed(tiny_data, soc_model, tmp_path, capsy
     assert "first epoch: " in out and " s of training; 2 epochs at this pace: " in out
 
 
-def test_curve_draws_every_snapshot_metric_with_its_floor(tiny_run, capsys):
+def test_curve_draws_every_snapshot_metric_with_its_floor(tiny_run, capsys, monkeypatch):
     assert evaluate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "--curve"]) == 0
     assert (tiny_run / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = json.loads((tiny_run / "curve.json").read_text())
@@ -106,6 +143,14 @@ def test_curve_draws_every_snapshot_metric_with_its_floor(tiny_run, capsys):
     assert curve["floor"]["w1_mean"] < min(curve["metrics"]["w1_mean"])
     assert not list(tiny_run.glob(".*tmp*"))
     assert f"wrote {tiny_run / 'curve.png'}" in capsys.readouterr().out
+    # the labelled floor: the same real V, I, T, only the SOC is the estimator's (here an untrained one)
+    labelled = curve["floor_labelled"]
+    assert all(labelled[f"w1_{f}"] == curve["floor"][f"w1_{f}"] for f in "VIT")
+    assert labelled["w1_SOC"] > curve["floor"]["w1_SOC"]
+    # kept in curve.json: a second curve does not label again
+    monkeypatch.setattr(evaluate, "load_soc", lambda *a: pytest.fail("labelled the floor again"))
+    assert evaluate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "--curve"]) == 0
+    assert json.loads((tiny_run / "curve.json").read_text())["floor_labelled"] == labelled
 
 
 def test_curve_without_snapshots_is_one_line(tiny_data, soc_model, tmp_path, capsys):
