@@ -34,7 +34,8 @@ import torch
 
 import metrics
 from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
-from generate import label, load_soc, real_steps, run_scaler, steps_kept, synthesize
+from generate import class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
+from lg_dataset import load_sidecar, window_classes
 from run_dir import RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -139,12 +140,33 @@ def plot_acf(real: np.ndarray, fake: np.ndarray, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # one epoch
 
+def per_class(real: np.ndarray, config: dict, real_path: Path, fake: np.ndarray, classes: np.ndarray,
+              scaler: dict | None, seed: int) -> dict[str, float]:
+    """A conditional run's quick metrics per class, '<class>/<metric>': each class's synthetic sequences against
+    the real windows of that class (the real data's sidecar says which)."""
+    side = load_sidecar(real_path) or {}
+    if not side.get("file_index") or side["file_index"][-1]["stop"] != len(real):
+        raise UserError(f"{real_path}: per-class metrics need the sidecar's file_index for these {len(real)} "
+                        f"windows; pass the run's training data with --real")
+    real_classes, names = window_classes(side)
+    out = {}
+    for k, name in enumerate(config["condition_classes"]):
+        rows = real_classes == names.index(name) if name in names else np.zeros(len(real), bool)
+        if (classes == k).sum() >= 4 and rows.sum() >= 4:
+            quality = metrics.quick_metrics(real[rows], fake[classes == k], scaler, seed)
+            out.update({f"{name}/{key}": v for key, v in quality.items()})
+    return out
+
+
 def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,
                    real_all: np.ndarray, test: np.ndarray | None, device: torch.device) -> dict[str, float]:
     started = time.time()
     scaler = run_scaler(config)
+    classes = None
     if args.generate:
-        fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, args.seed, device)
+        if config.get("condition_classes"):   # a conditional run: its training shares, grouped by class
+            classes = class_counts(config["condition_shares"], args.generate)
+        fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, args.seed, device, classes=classes)
     else:
         fake = load_array(epoch_dir / "fake_data.npy", "synthetic data")
     length, window = fake.shape[1], config["args"]["soc_estimator_step"]
@@ -152,6 +174,8 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
 
     if args.quick:
         values = metrics.quick_metrics(real, fake, scaler, args.seed)
+        if classes is not None:
+            values.update(per_class(real, config, args.real_path, fake, classes, scaler, args.seed))
     else:
         values = metrics.all_metrics(real, fake, scaler, args.seed, device, test_windows=test, train_windows=real_all,
                                      epochs=args.epochs, hidden=args.hidden, max_seq=args.n_samples,

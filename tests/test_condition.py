@@ -93,6 +93,12 @@ def test_generate_temperature_picks_the_class(cond_data, soc_model, tmp_path, ca
     import evaluate
     assert evaluate.main(["-r", run.name, "--results-dir", str(results), "--quick", "--device", "cpu",
                           "--n-samples", "12"]) == 0
+    # with fresh sequences it knows each one's class: every quick metric per class, against that class's windows
+    assert evaluate.main(["-r", run.name, "--results-dir", str(results), "--quick", "--device", "cpu",
+                          "--n-samples", "12", "--generate", "15"]) == 0
+    quality = json.loads((run / "1_epoch" / "metrics.json").read_text())
+    assert {k.split("/")[0] for k in quality if k.endswith("/w1_T")} == {"0degC", "10degC", "25degC"}
+    assert all(np.isfinite(quality[f"{c}/w1_mean"]) for c in ("0degC", "10degC", "25degC"))
 
 
 def test_temperature_needs_a_conditional_run(tiny_run, tmp_path, capsys):
