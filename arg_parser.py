@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance: the original InstanceNorm after each critic LSTM (laid out by --norm-layout); "
                         "layer: normalise each time step over its features (parameter-free layer norm, the "
                         "WGAN-GP paper's choice for a critic), which keeps each sequence's levels visible")
-    p.add_argument("--critic-readout", choices=["last", "mean"], default="last",
+    p.add_argument("--critic-readout", choices=["last", "mean", "meanstd"], default="last",
                    help="last: the critic scores the last time step's features (the paper); mean: the features of "
-                        "every step averaged over time before the linear head, so every step's dynamics are judged")
+                        "every step averaged over time before the linear head, so every step's dynamics are judged; "
+                        "meanstd: their mean and standard deviation over time, so a wandering level is seen too")
     p.add_argument("--generator-noise", choices=["step", "mixed", "smooth"], default="step",
                    help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
                         "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "

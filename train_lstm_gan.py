@@ -102,7 +102,7 @@ class Discriminator(nn.Module):
     """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm (--critic-norm layer:
     a per-step layer norm) + LeakyReLU(0.2);
     the last time step's features go through Linear(1024, 1) (--critic-readout mean: every step's features, averaged
-    over time). No sigmoid: it scores, it does not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
+    over time; meanstd: their mean and standard deviation over time, Linear(2048, 1)). No sigmoid: it scores, it does not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
 
     def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
                  norm: str = "instance", readout: str = "last"):
@@ -114,7 +114,8 @@ class Discriminator(nn.Module):
             setattr(self, f"lstm_{i + 1}", LeanLSTM(widths[i], widths[i + 1], batch_first=True))
             setattr(self, f"instance_norm_{i + 1}", InstanceNorm(widths[i + 1]))
             setattr(self, f"relu_{i + 1}", nn.LeakyReLU(0.2))
-        self.linear = nn.Linear(widths[4], 1)
+        # meanstd: the head reads each feature's mean and standard deviation over time
+        self.linear = nn.Linear(widths[4] * (2 if readout == "meanstd" else 1), 1)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +127,12 @@ class Discriminator(nn.Module):
                 x = normalize(x, getattr(self, f"instance_norm_{i}"), self.norm_layout)
             if i < 4:
                 x = self.dropout(getattr(self, f"relu_{i}")(x))
-        if self.readout == "mean":   # a score from every step: each step's dynamics get a gradient, not the last's
-            return self.linear(self.dropout(self.relu_4(x)).mean(dim=1))
+        if self.readout != "last":   # every step scored: each step's dynamics get a gradient, not the last's
+            h = self.dropout(self.relu_4(x))
+            if self.readout == "mean":
+                return self.linear(h.mean(dim=1))
+            # the spread over time shows what a mean cannot: a level that wanders within one sequence
+            return self.linear(torch.cat([h.mean(dim=1), torch.sqrt(h.var(dim=1, unbiased=False) + 1e-8)], dim=1))
         # as the original: the activation is applied to the last time step only, then the linear head
         return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
 

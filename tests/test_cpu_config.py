@@ -76,7 +76,7 @@ def test_layer_critic_norm_normalises_each_step_over_features():
     assert not torch.allclose(layer(shifted), layer(x))
 
 
-def test_mean_readout_scores_every_step():
+def test_mean_and_meanstd_readouts_score_every_step():
     torch.manual_seed(0)
     last = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer")
     mean = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="mean")
@@ -92,6 +92,13 @@ def test_mean_readout_scores_every_step():
     g_mean, = torch.autograd.grad(mean(x).sum(), x)
     share = lambda g: (g[:, :3].abs().sum() / g.abs().sum()).item()
     assert share(g_mean) > share(g_last)
+    # meanstd: the mean and the standard deviation over time of every feature go to a head twice as wide
+    spread = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="meanstd")
+    assert spread.linear.in_features == 2 * last.linear.in_features
+    stats = torch.cat([h.mean(1), torch.sqrt(h.var(1, unbiased=False) + 1e-8)], dim=1)
+    for name in ("lstm_1", "lstm_2", "lstm_3", "lstm_4"):
+        getattr(spread, name).load_state_dict(getattr(mean, name).state_dict())
+    torch.testing.assert_close(spread(x), spread.linear(stats))
 
 
 def test_auto_critic_chunk_follows_memory():
