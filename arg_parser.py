@@ -16,7 +16,7 @@ PRESETS = {
     "cpu": {"model_scale": 0.125, "batch_size": 16, "discriminator_train_steps": 1,
             "discriminator_learning_rate": 1e-3, "generator_learning_rate": 1e-3,
             "discriminator_adam_beta2": 0.9, "generator_adam_beta2": 0.9,
-            "norm_layout": "channel", "critic_norm": "layer", "critic_readout": "mean", "generator_noise": "smooth",
+            "norm_layout": "channel", "critic_norm": "layer", "critic_readout": "meanstd", "generator_noise": "smooth",
             "gp_norm": "sample",
             "gan_epochs": 3000, "save_epoch_interval": 50,
             "evaluate_sample_size": 32},

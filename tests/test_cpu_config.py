@@ -124,7 +124,7 @@ def test_preset_run_records_the_chunk_and_projects_the_run(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["args"]["preset"] == "cpu" and config["args"]["norm_layout"] == "channel"
     assert (config["args"]["critic_norm"], config["args"]["critic_readout"], config["args"]["generator_noise"]) \
-        == ("layer", "mean", "smooth")
+        == ("layer", "meanstd", "smooth")
     assert config["args"]["critic_chunk"] == 0   # picked: 4 tiny samples fit in any memory
 
 
