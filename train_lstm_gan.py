@@ -102,7 +102,8 @@ class Discriminator(nn.Module):
     """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm (--critic-norm layer:
     a per-step layer norm) + LeakyReLU(0.2);
     the last time step's features go through Linear(1024, 1) (--critic-readout mean: every step's features, averaged
-    over time; meanstd: their mean and standard deviation over time, Linear(2048, 1)). No sigmoid: it scores, it does not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
+    over time; meanstd: their mean and standard deviation over time, Linear(2048, 1)). No sigmoid: it scores, it does
+    not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
 
     def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
                  norm: str = "instance", readout: str = "last"):
