@@ -35,7 +35,7 @@ import torch
 import metrics
 from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
 from generate import class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
-from lg_dataset import load_sidecar, window_classes
+from lg_dataset import data_classes
 from run_dir import RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -144,18 +144,10 @@ def per_class(real: np.ndarray, config: dict, real_path: Path, fake: np.ndarray,
               scaler: dict | None, seed: int) -> dict[str, float]:
     """A conditional run's quick metrics per class, '<class>/<metric>': each class's synthetic sequences against
     the real windows of that class (the real data's sidecar says which)."""
-    side = load_sidecar(real_path) or {}
-    if not side.get("file_index") or side["file_index"][-1]["stop"] != len(real):
-        raise UserError(f"{real_path}: per-class metrics need the sidecar's file_index for these {len(real)} "
-                        f"windows; pass the run's training data with --real")
-    real_classes, names = window_classes(side)
-    out = {}
-    for k, name in enumerate(config["condition_classes"]):
-        rows = real_classes == names.index(name) if name in names else np.zeros(len(real), bool)
-        if (classes == k).sum() >= 4 and rows.sum() >= 4:
-            quality = metrics.quick_metrics(real[rows], fake[classes == k], scaler, seed)
-            out.update({f"{name}/{key}": v for key, v in quality.items()})
-    return out
+    real_classes, names = data_classes(real_path, len(real))
+    run_names = config["condition_classes"]   # the run's class numbering (a class the data lacks: -1, no windows)
+    to_run = np.array([run_names.index(name) if name in run_names else -1 for name in names])
+    return metrics.per_class(real, to_run[real_classes], fake, classes, run_names, scaler, seed, min_real=4)
 
 
 def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,

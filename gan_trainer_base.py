@@ -14,7 +14,6 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import sklearn
@@ -28,7 +27,7 @@ from arg_parser import PAPER_SOC_MODEL, build_parser, merge_saved_args
 from common import UserError, resolve_device
 from generate import labelled_sequences, real_steps, with_class_channels
 from lean_lstm import unrolled
-from lg_dataset import LGDataset, load_sidecar, window_classes
+from lg_dataset import LGDataset, data_classes, load_sidecar
 from run_dir import LOSS_COLUMNS, RunDir
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -625,11 +624,7 @@ def condition_classes(condition: str, data_path: Path, n: int) -> tuple[torch.Te
     (which windows come from which file) -> (int64 [n], class names); (None, []) when unconditional."""
     if condition == "none":
         return None, []
-    side = load_sidecar(data_path) or {}
-    if not side.get("file_index") or side["file_index"][-1]["stop"] != n:
-        raise UserError(f"{data_path}: --condition temperature needs the sidecar's file_index for these {n} windows "
-                        f"(which window comes from which temperature); rebuild the data with python lg_dataset.py")
-    classes, names = window_classes(side)
+    classes, names = data_classes(data_path, n)
     return torch.from_numpy(classes), names
 
 
@@ -674,7 +669,7 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     distinct, seed = real(np.unique(idx)), eval_seed % 2 ** 32
     if a.eval_metrics == "quick":
         return arrays, metrics.quick_metrics(distinct, fake, t.scaler, seed) | per_class_metrics(t, idx, fake, seed,
-                                                                                                  real)
+                                                                                                  distinct)
     # --eval-metrics all: TSTR on the shipped real test cycles when their window matches -socs
     test_path = PROJECT_DIR / "data" / "lg_test_300_data.npy"
     test = np.load(test_path) if test_path.is_file() else None
@@ -685,20 +680,15 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
 
 
 def per_class_metrics(trainer: GANTrainerBase, idx: np.ndarray, fake: np.ndarray, seed: int,
-                      real: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-    """Conditional runs: every quick metric of each class's synthetic sequences against the real windows of that
-    class (real(rows): their compared steps), as '<class>/<metric>' (classes with fewer than 4 sequences in the
-    sample are left out)."""
-    t, out = trainer, {}
+                      distinct: np.ndarray) -> dict[str, float]:
+    """Conditional runs: every quick metric of each class's synthetic sequences (drawn for the windows idx) against
+    the distinct real windows of that class (distinct: windows np.unique(idx), their compared steps)."""
+    t = trainer
     if t.classes is None:
-        return out
+        return {}
     classes = t.classes.numpy()
-    for k, name in enumerate(t.class_names):
-        rows = classes[idx] == k
-        if rows.sum() >= MIN_EVAL_SAMPLES:
-            quality = metrics.quick_metrics(real(np.unique(idx[rows])), fake[rows], t.scaler, seed)
-            out.update({f"{name}/{key}": v for key, v in quality.items()})
-    return out
+    return metrics.per_class(distinct, classes[np.unique(idx)], fake, classes[idx], t.class_names, t.scaler, seed,
+                             min_fake=MIN_EVAL_SAMPLES)
 
 
 def check_inputs(trainer: GANTrainerBase) -> None:

@@ -443,6 +443,15 @@ def window_classes(meta: dict) -> tuple[np.ndarray, list[str]]:
     return classes, names
 
 
+def data_classes(npy_path: str | Path, n: int) -> tuple[np.ndarray, list[str]]:
+    """window_classes of the n windows in npy_path, from its sidecar; refused when the sidecar does not index them."""
+    side = load_sidecar(npy_path) or {}
+    if not side.get("file_index") or side["file_index"][-1]["stop"] != n:
+        raise DataError(f"{npy_path}: temperature classes need the sidecar's file_index for these {n} windows "
+                        f"(which window comes from which temperature); rebuild the data with python lg_dataset.py")
+    return window_classes(side)
+
+
 def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, required: bool = True,
           scaler: dict | None = None, scaler_files: list[str] | None = None) -> tuple[np.ndarray, dict]:
     """Windows [n, seq_len, 4] float32 (V, I, T scaled; SOC) of the given files, and their sidecar dict.

@@ -185,6 +185,19 @@ def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:
     return np.abs(soc[:, 1:] - soc[:, :1] - counted).mean(1) * 100
 
 
+def per_class(real: np.ndarray, real_classes: np.ndarray, fake: np.ndarray, fake_classes: np.ndarray,
+              names: list[str], scaler: dict | None, seed: int, min_fake: int = 4,
+              min_real: int = 1) -> dict[str, float]:
+    """Conditional data: the quick metrics of each class's synthetic sequences against that class's real ones, as
+    '<class>/<metric>' (class k is names[k]; a class with fewer than min_fake / min_real sequences is left out)."""
+    out = {}
+    for k, name in enumerate(names):
+        real_k, fake_k = real[real_classes == k], fake[fake_classes == k]
+        if len(fake_k) >= min_fake and len(real_k) >= min_real:
+            out.update({f"{name}/{key}": v for key, v in quick_metrics(real_k, fake_k, scaler, seed).items()})
+    return out
+
+
 def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int) -> dict[str, float]:
     """Marginal W1 per feature, ACF difference, MMD (and physics sanity when a scaler is given).
     real and fake: [n, L, F] over the same steps. Each set is subsampled to QUICK_MAX_SEQ sequences."""
