@@ -357,8 +357,18 @@ class WGANGP:
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.G).load_state_dict(state["generator"])
         unwrap(self.D).load_state_dict(state["discriminator"])
-        self.g_optim.load_state_dict(state["g_optim"])
-        self.d_optim.load_state_dict(state["d_optim"])
+        load_moments(self.g_optim, state["g_optim"])
+        load_moments(self.d_optim, state["d_optim"])
+
+
+def load_moments(optim: torch.optim.Optimizer, state: dict) -> None:
+    """The optimizer's moments and step counts from a checkpoint, its hyperparameters (learning rate, betas, weight
+    decay) as built from the flags: a flag typed on resume (e.g. -glr) takes effect rather than being overwritten by
+    the saved value, and an unchanged flag gives back the saved value, so exact resume is untouched."""
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optim.param_groups]
+    optim.load_state_dict(state)
+    for group, values in zip(optim.param_groups, hyper):
+        group.update(values)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -260,6 +260,21 @@ def test_resume_can_extend_training(tiny_data, soc_model, tmp_path, device):
     assert json.loads((run / "config.json").read_text())["resumed"][0]["at_epoch"] == 2
 
 
+def test_learning_rates_typed_on_resume_take_effect(tiny_data, soc_model, tmp_path):
+    """The optimizers' state comes from the checkpoint, their hyperparameters from the flags: a -glr/-dlr typed on
+    resume was silently replaced by the saved value when the optimizer state was loaded."""
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "2")) == 0
+    [run] = run_dirs(results)
+    assert main(["-r", run.name, "--results-dir", str(results), "-e", "3", "-glr", "3e-5", "-dlr", "2e-5"]) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in ckpt["g_optim"]["param_groups"]] == [3e-5]
+    assert [g["lr"] for g in ckpt["d_optim"]["param_groups"]] == [2e-5]
+    assert ckpt["g_optim"]["state"][0]["step"] == 3   # the moments and step counts carried on
+    assert ckpt["g_optim"]["param_groups"][0]["betas"] == tuple(ckpt["args"][k] for k in (
+        "generator_adam_beta1", "generator_adam_beta2"))
+
+
 def test_resume_a_checkpoint_written_before_newer_flags_existed(tiny_data, soc_model, tmp_path):
     """A checkpoint whose saved args lack flags added later (--precision, --critic-chunk, --eval-metrics) resumes
     with those flags' defaults; typed flags still apply (it crashed with AttributeError)."""
