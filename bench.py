@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from arg_parser import parse_arg
-from common import cli, resolve_device
+from common import GLIBC_MMAP_THRESHOLD_MAX, cap_heap_growth, cli, resolve_device
 import metrics
 from gan_trainer_base import WGANGP, WGANGPSettings, set_tf32, unwrap
 from generate import labelled_sequences, real_steps
@@ -136,25 +136,6 @@ def reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20   # where glibc's own dynamic threshold ends up on 64-bit Linux
-
-
-def cap_heap_growth(threshold: int = 4 << 20) -> bool:
-    """Have glibc serve blocks >= threshold bytes with mmap, handed back to the system when freed.
-    The reference's penalty (a double backward through oneDNN's LSTM) allocates and frees weight-sized blocks at
-    every time step; on glibc's default heap they fragment (README: Performance). The trainer's lean penalty does
-    not need the cap, and pays a third of its step for it in page faults, so the fast path runs with glibc's
-    usual 32 MB. MALLOC_MMAP_THRESHOLD_ in the environment wins."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(-3, threshold))   # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):                            # not glibc (e.g. musl): nothing to tune
-        return False
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -302,8 +283,8 @@ def measure_training(cfg: argparse.Namespace, gan: WGANGP, reference: Reference 
                 if impl in errors:
                     continue
                 set_tf32(cfg.precision)
-                if device.type == "cpu":   # the reference's oneDNN penalty needs the cap; the fast path does not
-                    cap_heap_growth(4 << 20 if impl == "reference" else GLIBC_MMAP_THRESHOLD_MAX)
+                if device.type == "cpu":   # the reference's oneDNN penalty needs the cap; the fast path only in chunks
+                    cap_heap_growth(4 << 20 if impl == "reference" else gan.mmap_threshold or GLIBC_MMAP_THRESHOLD_MAX)
                 # the fast path applies --precision itself; the reference runs under the same autocast
                 autocast = torch.autocast(device.type, torch.bfloat16,
                                           enabled=cfg.precision == "bf16" and impl == "reference")

@@ -1,6 +1,7 @@
 """What every command shares: the one-line error for bad input (UserError, OneLineParser, cli), the device
-resolution, and the one atomic file write."""
+resolution, the one atomic file write, and glibc's heap setting for the CPU steps."""
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -96,3 +97,21 @@ def atomic_npy(path: str | Path, array) -> None:
         with open(tmp, "wb") as f:   # a file object: np.save would add .npy to the temporary file's name
             np.save(f, array)
     atomic_write(path, save)
+
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20   # where glibc's own dynamic threshold ends up on 64-bit Linux
+
+
+def cap_heap_growth(threshold: int = 4 << 20) -> bool:
+    """Have glibc serve blocks >= threshold bytes with mmap, handed back to the system when freed (True if set).
+    A double backward through oneDNN's LSTM (the reference's penalty) allocates and frees weight-sized blocks at
+    every time step, and a critic step in chunks frees each chunk's graph before the next; on glibc's default heap
+    both fragment and the RSS grows with the step count or the chunk count (README: Performance). The cap costs
+    page faults, so the whole-batch lean penalty runs with glibc's usual 32 MB. MALLOC_MMAP_THRESHOLD_ in the
+    environment wins."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))   # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):                            # not glibc (e.g. musl): nothing to tune
+        return False

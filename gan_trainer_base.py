@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import metrics
 from arg_parser import PAPER_SOC_MODEL, build_parser, merge_saved_args
-from common import UserError, resolve_device
+from common import UserError, cap_heap_growth, resolve_device
 from generate import labelled_sequences, real_steps, with_class_channels
 from lean_lstm import unrolled
 from lg_dataset import LGDataset, data_classes, load_sidecar
@@ -105,6 +105,7 @@ def bf16_lstm_supported(device: torch.device) -> bool:
 # Peak bytes of one critic-step chunk per sample x step x critic hidden unit (summed over its LSTMs), the penalty's
 # double backward on the lean path being the larger pass: 147-170 measured on the CPU (RSS), 200 for margin.
 CRITIC_BYTES_PER_UNIT = 200
+CHUNKED_MMAP_THRESHOLD = 4 << 20   # glibc's mmap threshold while the critic step runs in chunks on the CPU
 
 
 def free_memory(device: torch.device) -> int:
@@ -270,6 +271,11 @@ class WGANGP:
             raise UserError("--precision bf16: this CPU has no bfloat16 LSTM kernels (oneDNN); use --precision fp32 "
                             "(bf16 is meant for GPUs)")
         set_tf32(settings.precision)
+        # in chunks on the CPU, each chunk's freed graph fragments glibc's heap and the RSS grows with the chunk
+        # count (16 x 300 in chunks of 4: 2.31 GB, capped 1.29 GB, one chunk of 4 alone 1.19 GB); chunks are
+        # asked for to save memory, so the cap's page faults (~20 % of the step) are paid there only
+        chunked = 0 < settings.critic_chunk < batch_size and self.device.type == "cpu"
+        self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
 
     def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),
