@@ -136,8 +136,12 @@ def pick_critic_chunk(trainer: "GANTrainerBase") -> None:
     chunk = auto_critic_chunk(batch, seq_len, units, budget)
     trainer.args.critic_chunk = chunk
     if trainer.rank == 0:
-        estimate = CRITIC_BYTES_PER_UNIT * seq_len * units * (chunk or batch) / devices
-        print(f"critic chunk: {chunk or 'whole batch'} of {batch} samples (estimated peak {estimate / 2**30:.1f} "
+        n_chunks = min(-(-batch // (chunk or batch)), max(1, batch // 2))   # as WGANGP.critic_step splits
+        size = -(-batch // n_chunks)
+        estimate = CRITIC_BYTES_PER_UNIT * seq_len * units * size / devices
+        picked = f"{chunk} of {batch} samples, run as {n_chunks} chunks of {size}" if chunk else \
+            f"whole batch of {batch} samples"
+        print(f"critic chunk: {picked} (estimated peak {estimate / 2**30:.1f} "
               f"GiB of {budget * 2 / devices / 2**30:.1f} GiB free on {trainer.device}; set --critic-chunk to "
               f"choose)", flush=True)
 
