@@ -17,7 +17,7 @@ PRESETS = {
             "discriminator_learning_rate": 1e-3, "generator_learning_rate": 1e-3,
             "discriminator_adam_beta2": 0.9, "generator_adam_beta2": 0.9,
             "norm_layout": "channel", "critic_norm": "layer", "critic_readout": "meanstd", "generator_noise": "smooth",
-            "gp_norm": "sample",
+            "noise_time_steps": 100.0, "gp_norm": "sample",
             "gan_epochs": 3000, "save_epoch_interval": 50,
             "evaluate_sample_size": 32},
 }
@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-noise", choices=["step", "mixed", "smooth"], default="step",
                    help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
                         "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "
-                        "smooth: as mixed, with the other half an AR(1) process of time constant 3 s")
+                        "smooth: as mixed, with the other half an AR(1) process of time constant --noise-time-steps")
+    p.add_argument("--noise-time-steps", type=_positive_float, default=30.0,
+                   help="--generator-noise smooth: the AR(1) noise's time constant in steps (30 = 3 s at 10 Hz, "
+                        "where the real traces' mean ACF falls to 1/e; longer gives the output longer memory)")
     p.add_argument("--condition", choices=["none", "temperature"], default="none",
                    help="none: unconditional, as the paper; temperature: the ambient temperature class of each "
                         "window (0, 10, 25 degC, from the data sidecar) is given to the generator with the noise and "

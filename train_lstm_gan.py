@@ -18,7 +18,6 @@ from common import cli
 from gan_trainer_base import GANTrainerBase
 from lean_lstm import LeanLSTM
 
-NOISE_TIME_STEPS = 30   # --generator-noise smooth: 3 s at 10 Hz, the time over which the real traces' ACF falls to 1/e
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
 CRITIC_WIDTHS = (128, 256, 512, 1024)
 
@@ -66,14 +65,16 @@ class Generator(nn.Module):
     """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
     no output activation. Module names match the original so its state dicts load. noise 'mixed' holds the first
     half of z's channels at their first step's values (a per-sequence latent; same parameters); 'smooth' also
-    turns the other half into an AR(1) process with a time constant of NOISE_TIME_STEPS (still N(0, 1) at every
+    turns the other half into an AR(1) process with a time constant of noise_time_steps (still N(0, 1) at every
     step)."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
-                 scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0):
+                 scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0,
+                 noise_time_steps: float = 30.0):
         super().__init__()
         self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
         self.norm_layout, self.noise, self.n_classes = norm_layout, noise, n_classes
+        self.noise_time_steps = noise_time_steps
         # conditional: z carries n_classes one-hot channels after its input_dim noise channels
         widths = [input_dim + n_classes] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
         for i in range(4):
@@ -88,7 +89,7 @@ class Generator(nn.Module):
         x = z
         if self.noise in ("mixed", "smooth"):   # i.i.d. noise at every step gives the LSTMs nothing that lasts
             k = self.input_dim // 2
-            varying = z[:, :, k:] if self.noise == "mixed" else ar1(z[:, :, k:], NOISE_TIME_STEPS)
+            varying = z[:, :, k:] if self.noise == "mixed" else ar1(z[:, :, k:], self.noise_time_steps)
             x = torch.cat([z[:, :1, :k].expand(-1, z.shape[1], -1), varying], dim=2)
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
@@ -143,7 +144,7 @@ N_FEATURES = 3   # the GAN generates V, I, T; the SOC estimator labels them
 
 def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0) -> Generator:
     return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
-                     args.norm_layout, args.generator_noise, n_classes)
+                     args.norm_layout, args.generator_noise, n_classes, args.noise_time_steps)
 
 
 def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:

@@ -58,6 +58,19 @@ def test_smooth_noise_is_slow_unit_noise_and_mixed_otherwise():
         assert not torch.allclose(smooth(z), mixed(z))
 
 
+def test_noise_time_steps_sets_the_smooth_noise_time_constant(monkeypatch):
+    """--noise-time-steps reaches the generator's AR(1) noise (30 by default: the runs made before the flag)."""
+    calls = []
+    monkeypatch.setattr(train_lstm_gan, "ar1", lambda z, steps: calls.append(steps) or z)
+    z = torch.randn(2, 12, 8)
+    cases = (([], 30.0), (["--preset", "cpu"], 100.0), (["--preset", "cpu", "--noise-time-steps", "7"], 7.0))
+    for argv, expected in cases:
+        args = parse_arg(["-gid", "8", "--generator-noise", "smooth", *argv])
+        with torch.no_grad():
+            train_lstm_gan.build_generator(args, 12).eval()(z)
+        assert calls.pop() == expected
+
+
 def test_layer_critic_norm_normalises_each_step_over_features():
     torch.manual_seed(0)
     instance = train_lstm_gan.Discriminator(3, scale=0.05)
@@ -125,6 +138,7 @@ def test_preset_run_records_the_chunk_and_projects_the_run(tiny_run):
     assert config["args"]["preset"] == "cpu" and config["args"]["norm_layout"] == "channel"
     assert (config["args"]["critic_norm"], config["args"]["critic_readout"], config["args"]["generator_noise"]) \
         == ("layer", "meanstd", "smooth")
+    assert config["args"]["noise_time_steps"] == 100.0
     assert config["args"]["critic_chunk"] == 0   # picked: 4 tiny samples fit in any memory
 
 
