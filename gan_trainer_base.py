@@ -408,9 +408,11 @@ def resume_args(run: RunDir, argv: list[str] | None, world: int) -> tuple[argpar
     run.read_config(), run.read_losses()   # both intact, or one line now rather than a crash at the end
     saved = checkpoint["args"]
     args = merge_saved_args(saved, argv)
-    changed = [k for k in ARCH_FLAGS if k in saved and getattr(args, k) != saved[k]]
+    # a flag newer than the run: the run was built with what is now its default
+    built = {k: saved.get(k, build_parser().get_default(k)) for k in ARCH_FLAGS}
+    changed = [k for k in ARCH_FLAGS if getattr(args, k) != built[k]]
     if changed:
-        flags = ", ".join(f"{k}={getattr(args, k)} (run: {saved[k]})" for k in changed)
+        flags = ", ".join(f"{k}={getattr(args, k)} (run: {built[k]})" for k in changed)
         raise UserError(f"{run.path}: incompatible architecture flags for resume: {flags}; "
                         f"drop them or start a new run")
     if len(checkpoint["rng"]) != world:

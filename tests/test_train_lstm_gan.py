@@ -276,15 +276,17 @@ def test_learning_rates_typed_on_resume_take_effect(tiny_data, soc_model, tmp_pa
 
 
 def test_resume_a_checkpoint_written_before_newer_flags_existed(tiny_data, soc_model, tmp_path):
-    """A checkpoint whose saved args lack flags added later (--precision, --critic-chunk, --eval-metrics) resumes
-    with those flags' defaults; typed flags still apply (it crashed with AttributeError)."""
+    """A checkpoint whose saved args lack flags added later (--precision, --critic-chunk, --eval-metrics,
+    --noise-time-steps) resumes with those flags' defaults; typed flags still apply (it crashed with AttributeError)."""
     results = tmp_path / "results"
     assert main(tiny_args(tiny_data, soc_model, results, "-e", "2")) == 0
     [run] = run_dirs(results)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    for flag in ("precision", "critic_chunk", "eval_metrics"):
+    for flag in ("precision", "critic_chunk", "eval_metrics", "noise_time_steps"):
         del ckpt["args"][flag]
     torch.save(ckpt, run / "checkpoint.pt")
+    # an architecture flag newer than the run: the run was built with its default, so another value is refused
+    assert main(["-r", run.name, "--results-dir", str(results), "-e", "3", "--noise-time-steps", "100"]) == 2
     assert main(["-r", run.name, "--results-dir", str(results), "-e", "3"]) == 0
     assert [r[0] for r in read_losses(run)[1:]] == ["1", "2", "3"]
     args = json.loads((run / "config.json").read_text())["args"]
