@@ -21,7 +21,6 @@ Both run under the same TF32 flags (--precision fp32: TF32 off, also in cuDNN, w
 """
 import argparse
 import copy
-import ctypes
 import json
 import os
 import platform

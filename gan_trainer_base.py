@@ -103,8 +103,9 @@ def bf16_lstm_supported(device: torch.device) -> bool:
 
 
 # Peak bytes of one critic-step chunk per sample x step x critic hidden unit (summed over its LSTMs), the penalty's
-# double backward on the lean path being the larger pass: 147-170 measured on the CPU (RSS), 200 for margin.
-CRITIC_BYTES_PER_UNIT = 200
+# double backward on the lean path being the larger pass. Measured on the CPU at the paper's widths (RSS over the
+# process's 0.5 GiB): 288 at 64 x 600 in chunks of 8, ~300 at 8 x 600 whole, 317 at 64 x 600 in chunks of 32.
+CRITIC_BYTES_PER_UNIT = 320
 CHUNKED_MMAP_THRESHOLD = 4 << 20   # glibc's mmap threshold while the critic step runs in chunks on the CPU
 
 
