@@ -120,6 +120,12 @@ def free_memory(device: torch.device) -> int:
         return 8 << 30   # not Linux: assume a laptop's 8 GB
 
 
+def chunk_count(batch: int, chunk: int) -> int:
+    """How many balanced chunks a critic step of batch samples runs in for --critic-chunk chunk (0: the whole batch).
+    No chunk of a single sample unless batch == 1: torch's CPU InstanceNorm backward is wrong for a batch of one."""
+    return min(-(-batch // (chunk or batch)), max(1, batch // 2))
+
+
 def auto_critic_chunk(batch: int, seq_len: int, critic_units: int, budget: int) -> int:
     """The largest chunk whose estimated peak fits in budget bytes (0: the whole batch fits)."""
     chunk = max(2, budget // (CRITIC_BYTES_PER_UNIT * seq_len * critic_units))
@@ -137,7 +143,7 @@ def pick_critic_chunk(trainer: "GANTrainerBase") -> None:
     chunk = auto_critic_chunk(batch, seq_len, units, budget)
     trainer.args.critic_chunk = chunk
     if trainer.rank == 0:
-        n_chunks = min(-(-batch // (chunk or batch)), max(1, batch // 2))   # as WGANGP.critic_step splits
+        n_chunks = chunk_count(batch, chunk)
         size = -(-batch // n_chunks)
         estimate = CRITIC_BYTES_PER_UNIT * seq_len * units * size / devices
         picked = f"{chunk} of {batch} samples, run as {n_chunks} chunks of {size}" if chunk else \
@@ -303,9 +309,8 @@ class WGANGP:
         self.d_optim.zero_grad(set_to_none=True)
         # critic_chunk (0: whole batch) runs the passes below on balanced chunks of samples, each chunk's means
         # weighted by its share: exact up to rounding, and each chunk's graph is freed before the next, so the
-        # step's peak memory follows the chunk, not the batch. No chunk of a single sample unless b == 1: torch's
-        # CPU InstanceNorm backward is wrong for a batch of one (its grad reshapes to a channels-last view).
-        n_chunks = min(-(-b // (s.critic_chunk or b)), max(1, b // 2))
+        # step's peak memory follows the chunk, not the batch
+        n_chunks = chunk_count(b, s.critic_chunk)
         parts = [slice(b * i // n_chunks, b * (i + 1) // n_chunks) for i in range(n_chunks)]
         d_real, d_fake, gp = (torch.zeros((), device=self.device) for _ in range(3))
         # real and fake in one forward and one backward (cuDNN allowed): the critic has no cross-sample coupling
@@ -410,7 +415,8 @@ def resume_args(run: RunDir, argv: list[str] | None, world: int) -> tuple[argpar
     saved = checkpoint["args"]
     args = merge_saved_args(saved, argv)
     # a flag newer than the run: the run was built with what is now its default
-    built = {k: saved.get(k, build_parser().get_default(k)) for k in ARCH_FLAGS}
+    parser = build_parser()
+    built = {k: saved.get(k, parser.get_default(k)) for k in ARCH_FLAGS}
     changed = [k for k in ARCH_FLAGS if getattr(args, k) != built[k]]
     if changed:
         flags = ", ".join(f"{k}={getattr(args, k)} (run: {built[k]})" for k in changed)
