@@ -150,6 +150,19 @@ def per_class(real: np.ndarray, config: dict, real_path: Path, fake: np.ndarray,
     return metrics.per_class(real, to_run[real_classes], fake, classes, run_names, scaler, seed, min_real=4)
 
 
+def by_temperature(real: np.ndarray, real_path: Path, fake: np.ndarray, scaler: dict | None,
+                   seed: int) -> dict[str, float]:
+    """An unconditional run's sequences split by temperature, '<class>/<metric>' and '<class>/n_fake': each sequence
+    goes to the class whose real windows' mean temperature is nearest its own and is scored against that class's
+    windows. The like-for-like reference for a conditional run's per-class metrics (split by class, a distribution
+    is narrower, so e.g. the flat MMD's kernel is too: per class it is larger than overall for any model)."""
+    real_classes, names = data_classes(real_path, len(real))
+    centres = np.array([real[real_classes == k, :, 2].mean() for k in range(len(names))])
+    fake_classes = np.abs(fake[:, :, 2].mean(1)[:, None] - centres).argmin(1)
+    values = metrics.per_class(real, real_classes, fake, fake_classes, names, scaler, seed, min_real=4)
+    return {**values, **{f"{name}/n_fake": float((fake_classes == k).sum()) for k, name in enumerate(names)}}
+
+
 def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,
                    real_all: np.ndarray, test: np.ndarray | None, device: torch.device) -> dict[str, float]:
     started = time.time()
@@ -166,14 +179,16 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
 
     if args.quick:
         values = metrics.quick_metrics(real, fake, scaler, args.seed)
-        if classes is not None:
-            values.update(per_class(real, config, args.real_path, fake, classes, scaler, args.seed))
     else:
         values = metrics.all_metrics(real, fake, scaler, args.seed, device, test_windows=test, train_windows=real_all,
                                      epochs=args.epochs, hidden=args.hidden, max_seq=args.n_samples,
                                      tstr_epochs=args.tstr_epochs, tstr_hidden=args.tstr_hidden,
                                      tstr_batch_size=args.tstr_batch_size, tstr_max_windows=args.tstr_max_windows,
                                      tstr_max_test=args.tstr_max_test)
+    if classes is not None:
+        values.update(per_class(real, config, args.real_path, fake, classes, scaler, args.seed))
+    elif args.by_temperature:
+        values.update(by_temperature(real, args.real_path, fake, scaler, args.seed))
 
     # PCA and t-SNE on equal-sized samples, the real one over the steps --pca-segment names
     rng = np.random.default_rng(args.seed)
@@ -337,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps T-L-1..T-2, as the original")
     p.add_argument("--curve", action="store_true",
                    help="only the learning curve: losses and snapshot metrics against epoch -> <run>/curve.png")
+    p.add_argument("--by-temperature", action="store_true",
+                   help="an unconditional run: also score its sequences per temperature class, each against the "
+                        "real class nearest its mean temperature (the reference for a conditional run's classes)")
     return p
 
 
@@ -352,6 +370,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     if real_all.shape[1] != config["seq_len"]:
         raise UserError(f"{args.real_path}: windows of {real_all.shape[1]} steps, but the run generates "
                             f"{config['seq_len']}; pass the run's training data with --real")
+    if args.by_temperature:
+        if config.get("condition_classes"):
+            raise UserError(f"{run_dir}: --by-temperature is for an unconditional run; this conditional run's "
+                            f"metrics are per class already (evaluate it with --generate N)")
+        data_classes(args.real_path, len(real_all))   # refused here, before any file is written, without classes
     if args.curve:
         out = plot_curve(run_dir, config, real_all, args.seed, device)
         print(f"wrote {out}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import generate
 import lg_dataset
 from conftest import ROOT, SCALER, read_losses, run_dirs, tiny_args
@@ -99,6 +100,46 @@ def test_generate_temperature_picks_the_class(cond_data, soc_model, tmp_path, ca
     quality = json.loads((run / "1_epoch" / "metrics.json").read_text())
     assert {k.split("/")[0] for k in quality if k.endswith("/w1_T")} == {"0degC", "10degC", "25degC"}
     assert all(np.isfinite(quality[f"{c}/w1_mean"]) for c in ("0degC", "10degC", "25degC"))
+
+
+def test_by_temperature_sends_each_sequence_to_its_nearest_class(cond_data):
+    real = np.load(cond_data)
+    classes, names = lg_dataset.data_classes(cond_data, len(real))
+    # real windows as the "synthetic" ones: each lands in its own class, where it matches that class's windows exactly
+    values = evaluate.by_temperature(real, cond_data, real[::-1].copy(), SCALER, seed=0)
+    assert [values[f"{n}/n_fake"] for n in names] == [float((classes == k).sum()) for k in range(3)]
+    assert all(values[f"{n}/w1_T"] == pytest.approx(0, abs=1e-6) for n in names)
+    # shifted to the 25 degC windows' mean temperature, every sequence is scored against the 25 degC class
+    hot = real.copy()
+    hot[..., 2] = real[classes == 2, :, 2].mean()
+    values = evaluate.by_temperature(real, cond_data, hot, SCALER, seed=0)
+    assert [values[f"{n}/n_fake"] for n in names] == [0.0, 0.0, 24.0]
+    assert not any(k.startswith(("0degC/w1", "10degC/w1")) for k in values) and values["25degC/w1_T"] > 0
+
+
+def test_by_temperature_on_the_command_line(cond_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(tiny_args(cond_data, soc_model, results, "-e", "1", "-s", "1")) == 0
+    [run] = run_dirs(results)
+    argv = ["-r", run.name, "--results-dir", str(results), "--device", "cpu", "--quick", "--generate", "12"]
+    assert evaluate.main([*argv, "--by-temperature"]) == 0
+    quality = json.loads((run / "1_epoch" / "metrics.json").read_text())
+    assert sum(quality[f"{n}/n_fake"] for n in ("0degC", "10degC", "25degC")) == 12
+    cond = tmp_path / "cond"
+    assert main(cond_args(cond_data, soc_model, cond, "-e", "1", "-s", "1")) == 0
+    [crun] = run_dirs(cond)
+    before = {p: p.stat().st_mtime_ns for p in cond.rglob("*")}
+    assert evaluate.main(["-r", crun.name, "--results-dir", str(cond), "--quick", "--by-temperature"]) == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in cond.rglob("*")} == before
+
+
+def test_by_temperature_needs_the_data_classes(tiny_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    assert evaluate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "--quick",
+                          "--by-temperature"]) == 2
+    assert "file_index" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")} == before
 
 
 def test_temperature_needs_a_conditional_run(tiny_run, tmp_path, capsys):
