@@ -66,6 +66,9 @@ METRIC_DOCS = {
     "phys_v_out_of_limits": "lower: share of synthetic steps with voltage outside 2.5..4.2 V (LG HG2 limits)",
     "phys_t_out_of_range": "lower: share of synthetic steps with temperature outside the training data's "
                            "min..max temperature widened by 5 degC",
+    "phys_v_residual_mv": "closer to real_phys_v_residual_mv: per sequence, the std of the voltage about its "
+                          "least-squares line in the current (the part the cell's resistance does not explain), "
+                          "in mV, mean over sequences; the SOC estimator reads an excess as SOC moving",
     "phys_soc_out_of_range": "lower: share of synthetic steps with SOC outside [0, 1]",
     "phys_soc_rise_while_discharging": "lower: of the synthetic steps with current < 0 (discharge), the share "
                                        "where SOC rises by more than 1e-4 from the previous step",
@@ -158,7 +161,8 @@ def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
     phys = x[..., :3].astype(np.float64) * (hi - lo) + lo
     v, i, t = phys[..., 0], phys[..., 1], phys[..., 2]
     out = {"phys_v_out_of_limits": float(((v < V_LIMITS[0]) | (v > V_LIMITS[1])).mean()),
-           "phys_t_out_of_range": float(((t < lo[2] - T_MARGIN) | (t > hi[2] + T_MARGIN)).mean())}
+           "phys_t_out_of_range": float(((t < lo[2] - T_MARGIN) | (t > hi[2] + T_MARGIN)).mean()),
+           "phys_v_residual_mv": float(voltage_residual(v, i).mean() * 1000)}
     if x.shape[2] > 3:
         soc = x[..., 3].astype(np.float64)
         out["phys_soc_out_of_range"] = float(((soc < 0) | (soc > 1)).mean())
@@ -167,8 +171,18 @@ def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
         out["phys_soc_rise_while_discharging"] = float((discharging & rising).sum() / max(1, discharging.sum()))
         if scaler.get("capacity_ah"):
             gap = coulomb_gap(x, scaler)
-            out.update(soc_coulomb_error=float(gap.mean()), soc_coulomb_fail_share=float((gap > COULOMB_TOL_PCT).mean()))
+            out.update(soc_coulomb_error=float(gap.mean()),
+                       soc_coulomb_fail_share=float((gap > COULOMB_TOL_PCT).mean()))
     return out
+
+
+def voltage_residual(v: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """v, i [n, L] in volts and amperes -> [n] std of each sequence's voltage about its least-squares line in the
+    current: what the cell's resistance does not explain. Over a minute the open-circuit voltage hardly moves, so
+    in real windows this is a few mV; whatever more a generator puts there, the SOC estimator reads as SOC moving."""
+    vc, ic = v - v.mean(1, keepdims=True), i - i.mean(1, keepdims=True)
+    slope = (vc * ic).sum(1) / np.maximum((ic * ic).sum(1), 1e-12)
+    return (vc - slope[:, None] * ic).std(1)
 
 
 def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:

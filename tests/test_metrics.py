@@ -96,6 +96,21 @@ def test_physics_sanity_by_hand():
     assert p["phys_soc_rise_while_discharging"] == pytest.approx(1.0)   # both discharging steps rise
 
 
+def test_voltage_residual_is_what_the_current_does_not_explain(sets):
+    rng = np.random.default_rng(0)
+    i = rng.normal(-2, 3, (3, 40))
+    v = 3.7 + 0.03 * i                          # a pure resistance: nothing left
+    assert metrics.voltage_residual(v, i) == pytest.approx(0, abs=1e-12)
+    wobble = 0.01 * np.sin(np.arange(40) / 5)   # voltage moving on its own, 10 mV amplitude
+    assert metrics.voltage_residual(v + wobble, i) == pytest.approx(wobble.std(), rel=0.2)
+    # real windows: a few mV; the same with 30 mV of voltage noise added (scaled units) is far above
+    real = sets["held_out"]
+    noisy = real.copy()
+    noisy[..., 0] += rng.normal(0, 0.03 / (SCALER["max"][0] - SCALER["min"][0]), noisy.shape[:2])
+    clean, bad = (metrics.physics_sanity(x, SCALER)["phys_v_residual_mv"] for x in (real, noisy))
+    assert 1 < clean < 12 and bad > clean + 15
+
+
 def test_autocorrelation_by_hand():
     t = np.arange(200)
     x = np.stack([np.cos(2 * np.pi * t / 20), np.ones(200)], axis=1)[None]   # period 20 steps; constant
