@@ -163,3 +163,17 @@ def test_coulomb_check_in_the_sidecar_and_max_coulomb_error_keeps_only_close_seq
     assert "acceptance" in capsys.readouterr().out
     assert gen(tiny_run, "-n", "2", "-o", str(tmp_path / "bad.npy"), "--max-coulomb-error", "0") == 2
     assert not (tmp_path / "bad.npy").exists()
+
+
+def test_the_shipped_cpu_run_generates_without_training(tmp_path):
+    """results/lg_cpu_pretrained on a fresh clone: the README's generate command at its recommended epoch, one
+    sequence, in physical units and inside the cell's voltage range; the run folder is left as it was."""
+    run = ROOT / "results" / "lg_cpu_pretrained"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    out = tmp_path / "synthetic.parquet"
+    assert generate.main(["-r", run.name, "--results-dir", str(run.parent), "--epoch", "150", "-n", "1",
+                          "-o", str(out), "--device", "cpu"]) == 0
+    df = pd.read_parquet(out)
+    assert len(df) > 100 and df["sequence"].nunique() == 1
+    assert df["voltage_V"].between(2.5, 4.2).all() and df["soc"].notna().all()
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
