@@ -72,6 +72,11 @@ def run_dirs(results: Path) -> list[Path]:
     return sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []
 
 
+def mtimes(folder: Path) -> dict[Path, int]:
+    """Every path below folder with its modification time: equal before and after = nothing written there."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
 def read_losses(run: Path) -> list[list[str]]:
     with open(run / "losses.csv", newline="") as f:
         return list(csv.reader(f))

@@ -13,7 +13,7 @@ import torch
 import evaluate
 import generate
 import lg_dataset
-from conftest import ROOT, SCALER, read_losses, run_dirs, tiny_args
+from conftest import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
 from train_lstm_gan import main
 
 ROWS = np.arange(0, 2030, 80)[:24]   # real windows from all three temperatures, in file order
@@ -128,18 +128,18 @@ def test_by_temperature_on_the_command_line(cond_data, soc_model, tmp_path, caps
     cond = tmp_path / "cond"
     assert main(cond_args(cond_data, soc_model, cond, "-e", "1", "-s", "1")) == 0
     [crun] = run_dirs(cond)
-    before = {p: p.stat().st_mtime_ns for p in cond.rglob("*")}
+    before = mtimes(cond)
     assert evaluate.main(["-r", crun.name, "--results-dir", str(cond), "--quick", "--by-temperature"]) == 2
     assert "unconditional" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in cond.rglob("*")} == before
+    assert mtimes(cond) == before
 
 
 def test_by_temperature_needs_the_data_classes(tiny_run, capsys):
-    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    before = mtimes(tiny_run)
     assert evaluate.main(["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "--quick",
                           "--by-temperature"]) == 2
     assert "file_index" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")} == before
+    assert mtimes(tiny_run) == before
 
 
 def test_temperature_needs_a_conditional_run(tiny_run, tmp_path, capsys):

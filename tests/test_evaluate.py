@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from conftest import mtimes
 
 # the post-hoc models at toy size: the point here is the plumbing, test_metrics.py checks the numbers
 TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1", "--tstr-hidden", "8",
@@ -95,7 +96,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
     elif case == "no_fake":
         (copy / "1_epoch" / "fake_data.npy").unlink()
         argv += ["--epoch", "all", "--quick"]
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    before = mtimes(tmp_path)
     if case == "bad_epoch":
         with pytest.raises(SystemExit) as exc:
             evaluate.main(argv)
@@ -105,4 +106,4 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error:") and "\n" not in err, err
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert mtimes(tmp_path) == before

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import generate
+from conftest import mtimes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
@@ -169,11 +170,11 @@ def test_the_shipped_cpu_run_generates_without_training(tmp_path):
     """results/lg_cpu_pretrained on a fresh clone: the README's generate command at its recommended epoch, one
     sequence, in physical units and inside the cell's voltage range; the run folder is left as it was."""
     run = ROOT / "results" / "lg_cpu_pretrained"
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    before = mtimes(run)
     out = tmp_path / "synthetic.parquet"
     assert generate.main(["-r", run.name, "--results-dir", str(run.parent), "--epoch", "150", "-n", "1",
                           "-o", str(out), "--device", "cpu"]) == 0
     df = pd.read_parquet(out)
     assert len(df) > 100 and df["sequence"].nunique() == 1
     assert df["voltage_V"].between(2.5, 4.2).all() and df["soc"].notna().all()
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert mtimes(run) == before
