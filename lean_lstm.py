@@ -1,11 +1,16 @@
-"""An nn.LSTM that can run unrolled in plain tensor ops, for the gradient penalty's double backward.
+"""An nn.LSTM with a lean unrolled form for the gradient penalty's double backward.
 
 The fused LSTM kernels have no double backward (cuDNN raises, oneDNN falls back to a generic path), and torch's
-native cell takes a fresh transpose of the recurrent weight at every time step. In a double backward each step's
-weight-sized gradient then waits in a buffer of its own until the end of the backward pass: T of them alive at
-once, which grows with the sequence length whatever the batch. Unrolled here, the input projection of all steps is
-one matmul and every step shares one transposed recurrent weight, so those gradients add up in a single buffer and
-the penalty's memory follows batch x steps x widths only.
+native cell takes a fresh transpose of the recurrent weight at every time step: in a double backward each step's
+weight-sized gradient then waits in a buffer of its own until the end, T of them alive at once.
+
+The unrolled form here is one autograd Function for the recurrence, with its backward through time written in
+plain tensor ops, so that the penalty's double backward can differentiate it. Its weight gradients are never
+formed step by step: a rank-B product per step on a weight-sized buffer is memory-bound and was half of the
+penalty's time at the paper's widths. Both places where the recurrent weight enters (the forward's h_{t-1} w_hh^T
+and the backward's da_t w_hh) take it as a constant, and two small nodes add its gradient over all steps in one
+product each, from the steps' values kept aside. Everything that does not need the recurrence (the input
+projection, the gate derivatives) runs over all steps at once.
 """
 from contextlib import contextmanager
 from typing import Iterator
@@ -29,60 +34,171 @@ class LeanLSTM(nn.LSTM):
         return unrolled_lstm(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
 
 
+def unrolled_lstm(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+                  b_hh: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """nn.LSTM's equations (gate order i, f, g, o) over x [B, T, I] -> (output [B, T, H], (h_n, c_n) [1, B, H]).
+    Differentiable twice the way the gradient penalty does it (forward, gradients and double backward equal
+    nn.LSTM's, tests/test_lean_lstm.py): a create_graph backward to the inputs, then a backward to everything.
+    w_hh's own gradient is formed from values kept aside, so a create_graph backward that asks for it raises."""
+    steps, batch = x.shape[1], x.shape[0]
+    # time-major inside: each step's slice is contiguous
+    projected = torch.addmm(b_ih + b_hh, x.transpose(0, 1).flatten(0, 1), w_ih.t()).view(steps, batch, -1)
+    kept = _Kept()
+    token = _RecurrentWeight.apply(w_hh, kept)
+    h, c, _ = _Recurrence.apply(projected, token, w_hh, kept)
+    return h.transpose(0, 1), (h[-1:], c[-1:])
+
+
+class _Kept:
+    """Step values that a weight-gradient node needs and that exist only after the node was made."""
+    da: torch.Tensor | None = None       # [T, B, 4H]: the gate pre-activations' gradients of the last backward
+    h_prev: torch.Tensor | None = None   # [T, B, H]: h_{t-1}, zero at the first step
+
+
+class _RecurrentWeight(torch.autograd.Function):
+    """w_hh -> an empty token, the recurrence's input in its place. Its backward runs after the recurrence's
+    (only when w_hh's gradient is wanted: the penalty's first backward asks for the input's alone) and forms
+    the forward's share of w_hh's gradient, sum_t da_t^T h_{t-1}, in one product."""
+
+    @staticmethod
+    def forward(ctx, w_hh, kept):
+        ctx.kept = kept
+        return w_hh.new_zeros(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        _not_differentiable_again()
+        da, h_prev = ctx.kept.da, ctx.kept.h_prev
+        return da.flatten(0, 1).t() @ h_prev.flatten(0, 1), None
+
+
+class _RecurrentWeightInBackward(torch.autograd.Function):
+    """Identity on the output gradient g [T, B, H] of a recorded backward, which uses w_hh as a constant in
+    dh_{t-1} = g_{t-1} + da_t w_hh: its backward adds that use's share of w_hh's gradient in one product."""
+
+    @staticmethod
+    def forward(ctx, g, w_hh, kept):
+        ctx.kept = kept
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _not_differentiable_again()
+        da = ctx.kept.da
+        return grad, da[1:].flatten(0, 1).t() @ grad[:-1].flatten(0, 1), None
+
+
+def _not_differentiable_again() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError("unrolled LeanLSTM: w_hh's gradient cannot be differentiated again; in a create_graph "
+                           "backward ask for the inputs' gradients only (as the gradient penalty does)")
+
+
+class _Recurrence(torch.autograd.Function):
+    """projected [T, B, 4H] (input projections and biases), token, w_hh [4H, H] -> h, c, a [T, B, *] (a: the
+    gate pre-activations, returned so that a recorded backward can build on them)."""
+
+    @staticmethod
+    def forward(ctx, projected, token, w_hh, kept):
+        hidden = w_hh.shape[1]
+        a = projected.clone()
+        h_all = projected.new_empty(*projected.shape[:2], hidden)
+        c_all = torch.empty_like(h_all)
+        w_t = w_hh.t().to(a.dtype)
+        h = c = None
+        for t in range(len(a)):
+            if h is not None:
+                a[t].addmm_(h, w_t)
+            sig = a[t].sigmoid()   # over all four gates: g's share is unused, one op is cheaper than three
+            i, f, o = sig[:, :hidden], sig[:, hidden:2 * hidden], sig[:, 3 * hidden:]
+            g = a[t, :, 2 * hidden:3 * hidden].tanh()
+            c = torch.mul(i, g, out=c_all[t]) if c is None else torch.addcmul(f * c, i, g, out=c_all[t])
+            h = torch.mul(o, c.tanh(), out=h_all[t])
+        ctx.save_for_backward(h_all, c_all, a, w_hh)
+        ctx.kept = kept
+        ctx.set_materialize_grads(False)   # c and a are seldom used: no zero tensors for them
+        return h_all, c_all, a
+
+    @staticmethod
+    def backward(ctx, g_h, g_c, g_a):
+        h_all, c_all, a, w_hh = ctx.saved_tensors
+        da = through_time(h_all, c_all, a, w_hh, g_h, g_c, g_a)
+        ctx.kept.da = da.detach()
+        ctx.kept.h_prev = torch.cat([torch.zeros_like(h_all[:1]), h_all[:-1]]).detach()
+        return da, torch.zeros(0, dtype=da.dtype, device=da.device), None, None
+
+
+def through_time(h_all: torch.Tensor, c_all: torch.Tensor, a: torch.Tensor, w_hh: torch.Tensor,
+                 g_h: torch.Tensor | None, g_c: torch.Tensor | None, g_a: torch.Tensor | None) -> torch.Tensor:
+    """Backpropagation through time -> da [T, B, 4H], the gate pre-activations' gradients. Recorded when grad
+    mode is on (a create_graph backward), so that it can be differentiated once more."""
+    hidden, steps = w_hh.shape[1], len(a)
+    recorded = torch.is_grad_enabled()
+    sig = a.sigmoid()
+    i, f, o = sig[..., :hidden], sig[..., hidden:2 * hidden], sig[..., 3 * hidden:]
+    g = a[..., 2 * hidden:3 * hidden].tanh()
+    tanh_c = c_all.tanh()
+    c_prev = torch.cat([torch.zeros_like(c_all[:1]), c_all[:-1]])
+    dh_to_dc = o * (1 - tanh_c * tanh_c)
+    # (dc, dc, dc, dh) times this -> the gradients of the i, f, g, o pre-activations
+    to_da = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=2)
+    g_h = torch.zeros_like(h_all) if g_h is None else g_h
+    kept = _Kept()
+    if recorded and w_hh.requires_grad:
+        g_h = _RecurrentWeightInBackward.apply(g_h, w_hh, kept)
+    w = w_hh.detach().to(a.dtype)
+    # torch's own unbind differentiates through one select per step, each filling a zero [T, B, *] tensor in
+    # a double backward: T^2. _Steps and _Stack stay one node each at any order.
+    split = _Steps.apply if recorded else (lambda x: x.unbind(0))
+    g_hs, dh_to_dcs, to_das, fs = split(g_h), split(dh_to_dc), split(to_da), split(f)
+    g_cs = None if g_c is None else split(g_c)
+    g_as = None if g_a is None else split(g_a)
+    das = [None] * steps
+    recurrent = dc = None
+    for t in range(steps - 1, -1, -1):
+        dh = g_hs[t] if recurrent is None else g_hs[t] + recurrent
+        dc = dh * dh_to_dcs[t] if dc is None else torch.addcmul(dh * dh_to_dcs[t], dc, fs[t + 1])
+        if g_cs is not None:
+            dc = dc + g_cs[t]
+        da = torch.cat([dc, dc, dc, dh], dim=1) * to_das[t]
+        das[t] = da if g_as is None else da + g_as[t]
+        if t:
+            recurrent = das[t] @ w
+    da = _Stack.apply(*das) if recorded else torch.stack(das)
+    kept.da = da.detach()
+    return da
+
+
 class _Steps(torch.autograd.Function):
-    """[B, T, H] -> T tensors [B, H] (unbind), with a backward that is _Stack, whose backward is _Steps again.
-    torch's own stack/unbind differentiate through one select per step, and in a double backward each select's
-    backward fills a zero [B, T, H] tensor: T^2 work and memory. These two stay one node each at any order."""
+    """[T, B, H] -> T tensors [B, H] (unbind), with a backward that is _Stack, whose backward is _Steps again."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
-        return x.unbind(1)
+        return x.unbind(0)
 
     @staticmethod
     def backward(ctx, *grads):
-        b, _, h = ctx.shape
         zeros = None
         filled = []
         for g in grads:   # a step whose output was not used has no gradient
             if g is None:
-                zeros = torch.zeros(b, h, dtype=ctx.dtype, device=ctx.device) if zeros is None else zeros
+                zeros = torch.zeros(ctx.shape[1:], dtype=ctx.dtype, device=ctx.device) if zeros is None else zeros
                 g = zeros
             filled.append(g)
         return _Stack.apply(*filled)
 
 
 class _Stack(torch.autograd.Function):
-    """T tensors [B, H] -> [B, T, H]; see _Steps."""
+    """T tensors [B, H] -> [T, B, H]; see _Steps."""
 
     @staticmethod
     def forward(ctx, *steps):
-        return torch.stack(steps, dim=1)
+        return torch.stack(steps)
 
     @staticmethod
     def backward(ctx, grad):
         return _Steps.apply(grad)
-
-
-def unrolled_lstm(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
-                  b_hh: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """nn.LSTM's equations (gate order i, f, g, o) over x [B, T, I] -> (output [B, T, H], (h_n, c_n) [1, B, H])."""
-    hidden = w_hh.shape[1]
-    projected = torch.addmm(b_ih + b_hh, x.flatten(0, 1), w_ih.t()).view(x.shape[0], x.shape[1], 4 * hidden)
-    recurrent = w_hh.t()   # one view for all steps: its gradient is accumulated in one buffer
-    h = c = None
-    outputs = []
-    for step in _Steps.apply(projected):
-        gates = step if h is None else torch.addmm(step, h, recurrent)
-        # one sigmoid over all four gates (g's share is wasted) and few ops per step: at small widths the
-        # penalty's cost is the count of autograd nodes, which the double backward multiplies
-        sig = torch.sigmoid(gates)
-        i, f, o = sig[:, :hidden], sig[:, hidden:2 * hidden], sig[:, 3 * hidden:]
-        g = torch.tanh(gates[:, 2 * hidden:3 * hidden])
-        c = i * g if c is None else torch.addcmul(f * c, i, g)
-        h = o * torch.tanh(c)
-        outputs.append(h)
-    return _Stack.apply(*outputs), (h.unsqueeze(0), c.unsqueeze(0))
 
 
 @contextmanager

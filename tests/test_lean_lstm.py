@@ -53,6 +53,35 @@ def native_cells(model):
         yield
 
 
+def test_double_backward_through_every_output_equals_native_cells(device):
+    """The penalty's pattern on one layer, with h_n and c_n used too (their gradients enter the recurrence):
+    a create_graph gradient to the input, then the gradient of a function of it to everything."""
+    reference, lean = twin_lstms(device=device)
+    x = torch.randn(3, 6, 3, dtype=torch.double, device=device, requires_grad=True)
+    v_out, v_h, v_c = (torch.randn(*shape, dtype=torch.double, device=device) for shape in ((3, 6, 5), (1, 3, 5),
+                                                                                             (1, 3, 5)))
+
+    def second_order(lstm, context):
+        with context(lstm):
+            out, (h, c) = lstm(x)
+            score = (out * v_out).sum() + (h * v_h).sum() + (c.tanh() * v_c).sum()
+            grad_x, = torch.autograd.grad(score, x, create_graph=True)
+        return torch.autograd.grad((grad_x ** 2).sum() + score, [x, *lstm.parameters()])
+    for a, b in zip(second_order(lean, unrolled), second_order(reference, native_cells)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_recurrent_weight_gradient_refuses_a_create_graph_backward():
+    """w_hh's gradient comes from values kept aside: asking for it in a create_graph backward must fail loudly,
+    not return a gradient that silently does not differentiate."""
+    _, lean = twin_lstms()
+    x = torch.randn(2, 4, 3, dtype=torch.double)
+    with unrolled(lean):
+        out, _ = lean(x)
+    with pytest.raises(RuntimeError, match="differentiated again"):
+        torch.autograd.grad(out.sum(), lean.weight_hh_l0, create_graph=True)
+
+
 @pytest.mark.parametrize("norm,critic_norm", [("paper", "instance"), ("sample", "instance"), ("sample", "layer")])
 def test_penalty_double_backward_equals_native_cells(norm, critic_norm, device):
     torch.manual_seed(1)
