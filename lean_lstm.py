@@ -139,9 +139,12 @@ def through_time(h_all: torch.Tensor, c_all: torch.Tensor, a: torch.Tensor, w_hh
     g = a[..., 2 * hidden:3 * hidden].tanh()
     tanh_c = c_all.tanh()
     c_prev = torch.cat([torch.zeros_like(c_all[:1]), c_all[:-1]])
-    dh_to_dc = o * (1 - tanh_c * tanh_c)
+    # aten's derivative ops (x * s * (1 - s) and x * (1 - t^2)) are one node each, with their own double backward,
+    # and keep no intermediates
+    sigmoid_d, tanh_d = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
+    dh_to_dc = tanh_d(o, tanh_c)
     # (dc, dc, dc, dh) times this -> the gradients of the i, f, g, o pre-activations
-    to_da = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=2)
+    to_da = torch.cat([sigmoid_d(g, i), sigmoid_d(c_prev, f), tanh_d(i, g), sigmoid_d(tanh_c, o)], dim=2)
     g_h = torch.zeros_like(h_all) if g_h is None else g_h
     kept = _Kept()
     if recorded and w_hh.requires_grad:
