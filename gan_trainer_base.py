@@ -104,8 +104,9 @@ def bf16_lstm_supported(device: torch.device) -> bool:
 
 # Peak bytes of one critic-step chunk per sample x step x critic hidden unit (summed over its LSTMs), the penalty's
 # double backward on the lean path being the larger pass. Measured on the CPU at the paper's widths (RSS over the
-# process's 0.5 GiB): 288 at 64 x 600 in chunks of 8, ~300 at 8 x 600 whole, 317 at 64 x 600 in chunks of 32.
-CRITIC_BYTES_PER_UNIT = 320
+# process's 0.5 GiB), with the recurrence as one Function (lean_lstm.py): 155 at 64 x 600 whole, 239 at 64 x 600
+# in chunks of 8 (a chunk's fixed share: weights, their gradients, glibc's heap).
+CRITIC_BYTES_PER_UNIT = 240
 CHUNKED_MMAP_THRESHOLD = 4 << 20   # glibc's mmap threshold while the critic step runs in chunks on the CPU
 
 

@@ -9,7 +9,7 @@ import torch
 import evaluate
 import train_lstm_gan
 from arg_parser import PRESETS, build_parser, parse_arg
-from gan_trainer_base import CRITIC_BYTES_PER_UNIT, auto_critic_chunk
+from gan_trainer_base import CRITIC_BYTES_PER_UNIT, auto_critic_chunk, chunk_count
 
 
 def test_preset_cpu_sets_its_defaults_and_typed_flags_win():
@@ -115,9 +115,10 @@ def test_mean_and_meanstd_readouts_score_every_step():
 
 
 def test_auto_critic_chunk_follows_memory():
-    per_sample = CRITIC_BYTES_PER_UNIT * 600 * 1920   # the paper's critic over 600 steps: ~370 MB per sample
+    per_sample = CRITIC_BYTES_PER_UNIT * 600 * 1920   # the paper's critic over 600 steps: ~280 MB per sample
     assert auto_critic_chunk(64, 600, 1920, 64 * per_sample) == 0          # the whole batch fits
-    assert auto_critic_chunk(64, 600, 1920, 11 * 2**30) == 32               # the 24 GB machine: half its memory
+    assert auto_critic_chunk(64, 600, 1920, 11 * 2**30) == 42               # the 24 GB machine: half its memory
+    assert chunk_count(64, 42) == 2                                         # -> two chunks of 32
     assert auto_critic_chunk(64, 600, 1920, 8 * per_sample + 1) == 8
     assert auto_critic_chunk(64, 600, 1920, 0) == 2                         # never a single sample (InstanceNorm)
 

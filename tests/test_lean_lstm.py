@@ -71,15 +71,21 @@ def test_double_backward_through_every_output_equals_native_cells(device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_recurrent_weight_gradient_refuses_a_create_graph_backward():
-    """w_hh's gradient comes from values kept aside: asking for it in a create_graph backward must fail loudly,
-    not return a gradient that silently does not differentiate."""
+def test_refuses_what_would_not_differentiate():
+    """w_hh's gradient comes from values kept aside, and the recorded backward's nodes have plain backwards:
+    asking for more than the penalty does must fail loudly, not return gradients that silently do not
+    differentiate."""
     _, lean = twin_lstms()
     x = torch.randn(2, 4, 3, dtype=torch.double)
     with unrolled(lean):
         out, _ = lean(x)
     with pytest.raises(RuntimeError, match="differentiated again"):
         torch.autograd.grad(out.sum(), lean.weight_hh_l0, create_graph=True)
+    x.requires_grad_(True)   # the penalty's way is fine; a third order is not
+    with unrolled(lean):
+        grad_x, = torch.autograd.grad(lean(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable twice"):
+        torch.autograd.grad((grad_x ** 2).sum(), lean.weight_ih_l0, create_graph=True)
 
 
 @pytest.mark.parametrize("norm,critic_norm", [("paper", "instance"), ("sample", "instance"), ("sample", "layer")])
