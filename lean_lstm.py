@@ -39,7 +39,8 @@ def unrolled_lstm(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih:
     """nn.LSTM's equations (gate order i, f, g, o) over x [B, T, I] -> (output [B, T, H], (h_n, c_n) [1, B, H]).
     Differentiable twice the way the gradient penalty does it (forward, gradients and double backward equal
     nn.LSTM's, tests/test_lean_lstm.py): a create_graph backward to the inputs, then a backward to everything.
-    w_hh's own gradient is formed from values kept aside, so a create_graph backward that asks for it raises."""
+    Beyond that it raises rather than return gradients that do not differentiate: w_hh's gradient in a create_graph
+    backward (it is formed from values kept aside), and a third order."""
     steps, batch = x.shape[1], x.shape[0]
     # time-major inside: each step's slice is contiguous
     projected = torch.addmm(b_ih + b_hh, x.transpose(0, 1).flatten(0, 1), w_ih.t()).view(steps, batch, -1)
