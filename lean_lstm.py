@@ -118,6 +118,7 @@ class _Recurrence(torch.autograd.Function):
             h = torch.mul(o, c.tanh(), out=h_all[t])
         ctx.save_for_backward(h_all, c_all, a, w_hh)
         ctx.kept = kept
+        kept.h = h_all.detach()   # for _RecurrentWeight; detached before it becomes an output: no reference cycle
         ctx.set_materialize_grads(False)   # c and a are seldom used: no zero tensors for them
         return h_all, c_all, a
 
@@ -126,7 +127,6 @@ class _Recurrence(torch.autograd.Function):
         h_all, c_all, a, w_hh = ctx.saved_tensors
         da = through_time(h_all, c_all, a, w_hh, g_h, g_c, g_a)
         ctx.kept.da = da.detach()
-        ctx.kept.h = h_all.detach()
         return da, torch.zeros(0, dtype=da.dtype, device=da.device), None, None
 
 
@@ -166,7 +166,7 @@ def through_time(h_all: torch.Tensor, c_all: torch.Tensor, a: torch.Tensor, w_hh
         dc = dh * dh_to_dcs[t] if dc is None else torch.addcmul(dh * dh_to_dcs[t], dc, fs[t + 1])
         if g_cs is not None:
             dc = dc + g_cs[t]
-        da = _GateGradients.apply(dc, dh, to_das[t]) if recorded else torch.cat([dc, dc, dc, dh], 1) * to_das[t]
+        da = _GateGradients.apply(dc, dh, to_das[t])
         das[t] = da if g_as is None else da + g_as[t]
         if t:
             recurrent = das[t] @ w
