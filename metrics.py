@@ -78,6 +78,12 @@ METRIC_DOCS = {
                          "temperature, from the data sidecar)",
     "soc_coulomb_fail_share": "lower: share of sequences whose coulomb error exceeds 2 % SOC (the SOC "
                               "estimator's labels of real windows stay under 1.7 %)",
+    "<class>/t_mean_gap": "closer to 0: a conditional class's synthetic mean temperature minus its real windows' "
+                          "mean temperature, in degC (scaled units without a scaler)",
+    "<class>/class_match": "closer to <class>/real_class_match: share of the class's synthetic sequences whose mean "
+                           "temperature is nearest that class's real mean temperature (of all classes' real means): "
+                           "the classes told apart as the real ones are; real_class_match is the same for the "
+                           "class's real windows",
     "real_phys_<name>": "reference: the same physics check on the real sample (what 'good' looks like); also "
                         "real_soc_coulomb_*",
     "discriminative_score": "lower: |accuracy - 0.5| of a post-hoc 2-layer GRU classifier, real vs synthetic, "
@@ -201,15 +207,34 @@ def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:
 
 def per_class(real: np.ndarray, real_classes: np.ndarray, fake: np.ndarray, fake_classes: np.ndarray,
               names: list[str], scaler: dict | None, seed: int, min_fake: int = 4,
-              min_real: int = 1) -> dict[str, float]:
+              min_real: int = 1, temperature: bool = True) -> dict[str, float]:
     """Conditional data: the quick metrics of each class's synthetic sequences against that class's real ones, as
-    '<class>/<metric>' (class k is names[k]; a class with fewer than min_fake / min_real sequences is left out)."""
+    '<class>/<metric>' (class k is names[k]; a class with fewer than min_fake / min_real sequences is left out),
+    with each class's temperature gap and class match (temperature=False leaves them out)."""
     out = {}
     for k, name in enumerate(names):
         real_k, fake_k = real[real_classes == k], fake[fake_classes == k]
         if len(fake_k) >= min_fake and len(real_k) >= min_real:
             out.update({f"{name}/{key}": v for key, v in quick_metrics(real_k, fake_k, scaler, seed).items()})
+            if temperature:
+                out.update({f"{name}/{key}": v for key, v in
+                            class_temperature(real, real_classes, fake_k, k, scaler).items()})
     return out
+
+
+def class_temperature(real: np.ndarray, real_classes: np.ndarray, fake_k: np.ndarray, k: int,
+                      scaler: dict | None) -> dict[str, float]:
+    """Class k's synthetic sequences (fake_k) against the real windows of every class: the gap of their mean
+    temperature to class k's real mean (degC with a scaler), and the share of them, and of class k's real windows,
+    whose mean temperature is nearest class k's real mean: "separable as the real classes are"."""
+    present = np.unique(real_classes[real_classes >= 0])
+    centres = np.array([real[real_classes == c, :, 2].mean() for c in present])
+    unit = scaler["max"][2] - scaler["min"][2] if scaler is not None else 1.0
+
+    def match(x: np.ndarray) -> float:
+        return float((present[np.abs(x[:, :, 2].mean(1)[:, None] - centres).argmin(1)] == k).mean())
+    return {"t_mean_gap": float((fake_k[:, :, 2].mean() - real[real_classes == k, :, 2].mean()) * unit),
+            "class_match": match(fake_k), "real_class_match": match(real[real_classes == k])}
 
 
 def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int) -> dict[str, float]:

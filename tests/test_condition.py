@@ -58,6 +58,9 @@ def test_conditional_run_records_classes_resumes_exactly_and_reports_each_class(
     per_class = [k for k in quality if k.endswith("/w1_mean")]
     assert per_class and all(k.split("/")[0] in config["condition_classes"] for k in per_class)
     assert all(np.isfinite(v) for v in quality.values())
+    # each class's temperature gap and class match; the class's real windows sit nearest their own mean
+    assert all(0 <= quality[f"{k.split('/')[0]}/class_match"] <= 1 for k in per_class)
+    assert all(quality[f"{k.split('/')[0]}/real_class_match"] == 1 for k in per_class)
     # the generator and the critic see the one-hot classes: 3 more input channels each
     state = torch.load(run / "4_epoch" / "generator.pth")
     assert state["lstm_1.weight_ih_l0"].shape[1] == 8 + 3
@@ -109,6 +112,7 @@ def test_by_temperature_sends_each_sequence_to_its_nearest_class(cond_data):
     values = evaluate.by_temperature(real, cond_data, real[::-1].copy(), SCALER, seed=0)
     assert [values[f"{n}/n_fake"] for n in names] == [float((classes == k).sum()) for k in range(3)]
     assert all(values[f"{n}/w1_T"] == pytest.approx(0, abs=1e-6) for n in names)
+    assert not any(k.endswith("class_match") for k in values)   # 1 by construction: left out
     # shifted to the 25 degC windows' mean temperature, every sequence is scored against the 25 degC class
     hot = real.copy()
     hot[..., 2] = real[classes == 2, :, 2].mean()

@@ -215,3 +215,29 @@ def test_coulomb_capacity_follows_the_sequence_temperature():
     x[1, :, 3] = x[0, :, 3]   # 25 degC sequence labelled as if Q were 2 Ah: off by half the drop
     gap = metrics.coulomb_gap(x, scaler)
     assert gap[0] < 1e-9 and gap[1] == pytest.approx(np.mean(np.arange(1, 11) * 0.0001 / 4) * 100)
+
+
+def test_class_temperature_gap_and_match_by_hand():
+    """Three classes at scaled temperatures 0.1, 0.4, 0.9 (a 30 degC range): class 0's synthetic sequences at
+    their own level match it, at 25 degC's level they match nothing of class 0 and are 24 degC off."""
+    rng = np.random.default_rng(0)
+    levels = np.repeat([0.1, 0.4, 0.9], 6)
+    real = rng.uniform(0, 1, (18, 20, 4))
+    real[:, :, 2] = levels[:, None] + rng.normal(0, 0.01, (18, 20))
+    real_classes = np.repeat([0, 1, 2], 6)
+    scaler = {"min": [0, 0, -5.0], "max": [1, 1, 25.0]}
+    own = real[:6].copy()
+    wrong = real[12:].copy()
+    good = metrics.class_temperature(real, real_classes, own, 0, scaler)
+    assert good["class_match"] == 1 and good["real_class_match"] == 1 and abs(good["t_mean_gap"]) < 1e-9
+    bad = metrics.class_temperature(real, real_classes, wrong, 0, scaler)
+    assert bad["class_match"] == 0 and bad["t_mean_gap"] == pytest.approx(0.8 * 30, abs=0.3)
+    half = metrics.class_temperature(real, real_classes, np.concatenate([own[:3], wrong[:3]]), 0, None)
+    assert half["class_match"] == 0.5 and half["t_mean_gap"] == pytest.approx(0.4, abs=0.01)
+    # per_class carries them for each class with enough sequences; the split by nearest class leaves them out
+    values = metrics.per_class(real, real_classes, np.concatenate([own, wrong]), np.repeat([0, 2], 6),
+                               ["0degC", "10degC", "25degC"], scaler, 0)
+    assert values["0degC/class_match"] == 1 and values["25degC/class_match"] == 1 and "10degC/w1_T" not in values
+    plain = metrics.per_class(real, real_classes, own, np.zeros(6, int), ["0degC", "10degC", "25degC"], scaler, 0,
+                              temperature=False)
+    assert "0degC/w1_T" in plain and "0degC/class_match" not in plain
