@@ -88,9 +88,10 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = z
         if self.noise in ("mixed", "smooth"):   # i.i.d. noise at every step gives the LSTMs nothing that lasts
-            k = self.input_dim // 2
-            varying = z[:, :, k:] if self.noise == "mixed" else ar1(z[:, :, k:], self.noise_time_steps)
-            x = torch.cat([z[:, :1, :k].expand(-1, z.shape[1], -1), varying], dim=2)
+            # the class channels after the noise pass unchanged (AR(1)-filtered, a one-hot 1 would climb to ~14)
+            k, noise, onehot = self.input_dim // 2, z[:, :, :self.input_dim], z[:, :, self.input_dim:]
+            varying = noise[:, :, k:] if self.noise == "mixed" else ar1(noise[:, :, k:], self.noise_time_steps)
+            x = torch.cat([noise[:, :1, :k].expand(-1, z.shape[1], -1), varying, onehot], dim=2)
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
             x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)

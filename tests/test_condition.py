@@ -14,7 +14,7 @@ import evaluate
 import generate
 import lg_dataset
 from conftest import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
-from train_lstm_gan import main
+from train_lstm_gan import Generator, main
 
 ROWS = np.arange(0, 2030, 80)[:24]   # real windows from all three temperatures, in file order
 
@@ -38,6 +38,23 @@ def cond_data(tmp_path_factory) -> Path:
 
 def cond_args(data, soc_model, results, *extra):
     return tiny_args(data, soc_model, results, "--condition", "temperature", "-ess", "24", *extra)
+
+
+@pytest.mark.parametrize("noise", ["step", "mixed", "smooth"])
+def test_the_generator_sees_the_classes_one_hot_and_the_noise_as_without_them(noise):
+    """The class channels reach the first LSTM as 0/1 at every step (the AR(1) filter of --generator-noise smooth
+    once took them too: a 1 climbed towards 14 over the sequence), the noise channels as they would unconditioned."""
+    seen = []
+    conditional = Generator(8, 3, 50, noise=noise, n_classes=3, noise_time_steps=10.0)
+    plain = Generator(8, 3, 50, noise=noise, noise_time_steps=10.0)
+    for g in (conditional, plain):
+        g.lstm_1.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    z, classes = torch.randn(4, 50, 8), torch.tensor([0, 2, 1, 2])
+    conditional(generate.with_class_channels(z, classes, 3))
+    plain(z)
+    onehot = torch.nn.functional.one_hot(classes, 3).float()[:, None, :].expand(-1, 50, -1)
+    assert torch.equal(seen[0][:, :, 8:], onehot)
+    assert torch.equal(seen[0][:, :, :8], seen[1])
 
 
 def test_window_classes_follow_the_file_index():
