@@ -64,9 +64,9 @@ def ar1(z: torch.Tensor, time_steps: float) -> torch.Tensor:
 class Generator(nn.Module):
     """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
     no output activation. Module names match the original so its state dicts load. noise 'mixed' holds the first
-    half of z's channels at their first step's values (a per-sequence latent; same parameters); 'smooth' also
-    turns the other half into an AR(1) process with a time constant of noise_time_steps (still N(0, 1) at every
-    step)."""
+    half of z's noise channels at their first step's values (a per-sequence latent; same parameters); 'smooth'
+    also turns the other half into an AR(1) process with a time constant of noise_time_steps (still N(0, 1) at every
+    step). Conditional: z's class channels (after the noise) reach the first LSTM as they are."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
                  scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0,
