@@ -157,8 +157,7 @@ def by_temperature(real: np.ndarray, real_path: Path, fake: np.ndarray, scaler: 
     windows. The like-for-like reference for a conditional run's per-class metrics (split by class, a distribution
     is narrower, so e.g. the flat MMD's kernel is too: per class it is larger than overall for any model)."""
     real_classes, names = data_classes(real_path, len(real))
-    centres = np.array([real[real_classes == k, :, 2].mean() for k in range(len(names))])
-    fake_classes = np.abs(fake[:, :, 2].mean(1)[:, None] - centres).argmin(1)
+    fake_classes = metrics.nearest_class(fake, real, real_classes)
     # nearest by construction: every sequence matches its class, so no class match or temperature gap
     values = metrics.per_class(real, real_classes, fake, fake_classes, names, scaler, seed, min_real=4,
                                temperature=False)

@@ -227,14 +227,19 @@ def class_temperature(real: np.ndarray, real_classes: np.ndarray, fake_k: np.nda
     """Class k's synthetic sequences (fake_k) against the real windows of every class: the gap of their mean
     temperature to class k's real mean (degC with a scaler), and the share of them, and of class k's real windows,
     whose mean temperature is nearest class k's real mean: "separable as the real classes are"."""
+    unit = scaler["max"][2] - scaler["min"][2] if scaler is not None else 1.0
+    real_k = real[real_classes == k]
+    return {"t_mean_gap": float((fake_k[:, :, 2].mean() - real_k[:, :, 2].mean()) * unit),
+            "class_match": float((nearest_class(fake_k, real, real_classes) == k).mean()),
+            "real_class_match": float((nearest_class(real_k, real, real_classes) == k).mean())}
+
+
+def nearest_class(x: np.ndarray, real: np.ndarray, real_classes: np.ndarray) -> np.ndarray:
+    """For each sequence of x, the class whose real windows' mean temperature is nearest its own (of the classes
+    with real windows; real_classes -1 marks a window of no class)."""
     present = np.unique(real_classes[real_classes >= 0])
     centres = np.array([real[real_classes == c, :, 2].mean() for c in present])
-    unit = scaler["max"][2] - scaler["min"][2] if scaler is not None else 1.0
-
-    def match(x: np.ndarray) -> float:
-        return float((present[np.abs(x[:, :, 2].mean(1)[:, None] - centres).argmin(1)] == k).mean())
-    return {"t_mean_gap": float((fake_k[:, :, 2].mean() - real[real_classes == k, :, 2].mean()) * unit),
-            "class_match": match(fake_k), "real_class_match": match(real[real_classes == k])}
+    return present[np.abs(x[:, :, 2].mean(1)[:, None] - centres).argmin(1)]
 
 
 def quick_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int) -> dict[str, float]:
