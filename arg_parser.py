@@ -132,10 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="last: the critic scores the last time step's features (the paper); mean: the features of "
                         "every step averaged over time before the linear head, so every step's dynamics are judged; "
                         "meanstd: their mean and standard deviation over time, so a wandering level is seen too")
-    p.add_argument("--critic-minibatch-std", type=_non_negative_int, default=0, metavar="GROUP",
-                   help="0: off (the paper); GROUP > 0: the critic's head also reads the standard deviation of its "
-                        "features over groups of GROUP samples (Karras et al. 2018, with WGAN-GP there), so a "
-                        "generator that gives every sequence the same shape is seen; real and fake never share a group")
     p.add_argument("--generator-noise", choices=["step", "mixed", "smooth"], default="step",
                    help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
                         "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "

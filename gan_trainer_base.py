@@ -34,7 +34,7 @@ PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
 ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "critic_readout", "generator_noise",
-              "noise_time_steps", "condition", "critic_minibatch_std")
+              "noise_time_steps", "condition")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
@@ -277,8 +277,6 @@ class WGANGP:
         # conditional (--condition): each real window's class; None keeps the unconditional step op for op
         self.classes = None if classes is None else classes.to(self.device)
         self.n_classes = getattr(unwrap(generator), "n_classes", 0)
-        # a critic that reads a group's spread (--critic-minibatch-std) scores real and fake in separate calls
-        self.grouped = getattr(unwrap(critic), "minibatch_std", 0) > 0
         self.batch_size = batch_size
         self.sampler = BatchSampler(len(real), batch_size, seed)
         if settings.precision == "bf16" and not bf16_lstm_supported(self.device):
@@ -322,9 +320,7 @@ class WGANGP:
             n, share = part.stop - part.start, (part.stop - part.start) / b
             both = None if classes is None else classes[part].repeat(2)
             with autocast:
-                x = self.conditioned(torch.cat([real[part], fake[part]]), both)
-                scores = torch.cat([self.D(x[:n]), self.D(x[n:])]) if self.grouped else self.D(x)
-                scores = scores.float()
+                scores = self.D(self.conditioned(torch.cat([real[part], fake[part]]), both)).float()
             d_real_part, d_fake_part = scores[:n].mean() * share, scores[n:].mean() * share
             (d_fake_part - d_real_part).backward()
             d_real, d_fake = d_real + d_real_part.detach(), d_fake + d_fake_part.detach()

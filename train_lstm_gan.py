@@ -105,14 +105,12 @@ class Discriminator(nn.Module):
     a per-step layer norm) + LeakyReLU(0.2);
     the last time step's features go through Linear(1024, 1) (--critic-readout mean: every step's features, averaged
     over time; meanstd: their mean and standard deviation over time, Linear(2048, 1)). No sigmoid: it scores, it does
-    not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward).
-    minibatch_std > 0: the head also reads one number per group of that many consecutive samples, the standard
-    deviation of the features over the group averaged over features (Karras et al. 2018)."""
+    not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
 
     def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
-                 norm: str = "instance", readout: str = "last", minibatch_std: int = 0):
+                 norm: str = "instance", readout: str = "last"):
         super().__init__()
-        self.input_dim, self.minibatch_std = input_dim, minibatch_std
+        self.input_dim = input_dim
         self.norm_layout, self.norm, self.readout = norm_layout, norm, readout
         widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
         for i in range(4):
@@ -120,7 +118,7 @@ class Discriminator(nn.Module):
             setattr(self, f"instance_norm_{i + 1}", InstanceNorm(widths[i + 1]))
             setattr(self, f"relu_{i + 1}", nn.LeakyReLU(0.2))
         # meanstd: the head reads each feature's mean and standard deviation over time
-        self.linear = nn.Linear(widths[4] * (2 if readout == "meanstd" else 1) + (1 if minibatch_std else 0), 1)
+        self.linear = nn.Linear(widths[4] * (2 if readout == "meanstd" else 1), 1)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,23 +132,12 @@ class Discriminator(nn.Module):
                 x = self.dropout(getattr(self, f"relu_{i}")(x))
         if self.readout != "last":   # every step scored: each step's dynamics get a gradient, not the last's
             h = self.dropout(self.relu_4(x))
-            features = h.mean(dim=1)
-            if self.readout == "meanstd":   # the spread over time shows a level that wanders within one sequence
-                features = torch.cat([features, torch.sqrt(h.var(dim=1, unbiased=False) + 1e-8)], dim=1)
-        else:   # as the original: the activation is applied to the last time step only, then the linear head
-            features = self.dropout(self.relu_4(x[:, -1, :]))
-        if self.minibatch_std:   # a per-sample critic cannot see a generator giving every sample the same shape
-            features = torch.cat([features, group_std(features, self.minibatch_std)], dim=1)
-        return self.linear(features)
-
-
-def group_std(features: torch.Tensor, group: int) -> torch.Tensor:
-    """[B, F] -> [B, 1]: for each group of gcd(B, group) consecutive samples, the standard deviation of every feature
-    over the group, averaged over features, given to each of its samples."""
-    g = math.gcd(len(features), group)
-    y = features.reshape(-1, g, features.shape[1])
-    spread = torch.sqrt(y.var(dim=1, unbiased=False) + 1e-8).mean(dim=1)
-    return spread.repeat_interleave(g)[:, None]
+            if self.readout == "mean":
+                return self.linear(h.mean(dim=1))
+            # the spread over time shows what a mean cannot: a level that wanders within one sequence
+            return self.linear(torch.cat([h.mean(dim=1), torch.sqrt(h.var(dim=1, unbiased=False) + 1e-8)], dim=1))
+        # as the original: the activation is applied to the last time step only, then the linear head
+        return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
 
 
 N_FEATURES = 3   # the GAN generates V, I, T; the SOC estimator labels them
@@ -164,7 +151,7 @@ def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0) 
 def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:
     """Conditional: the sequence's N_FEATURES channels are followed by n_classes one-hot channels."""
     return Discriminator(N_FEATURES + n_classes, args.discriminator_dropout, args.model_scale, args.norm_layout,
-                         args.critic_norm, args.critic_readout, args.critic_minibatch_std)
+                         args.critic_norm, args.critic_readout)
 
 
 def build_optimizers(args: argparse.Namespace, generator: nn.Module, critic: nn.Module) -> tuple[Adam, Adam]:

@@ -65,8 +65,8 @@ def test_window_classes_follow_the_file_index():
 
 
 def test_conditional_run_records_classes_resumes_exactly_and_reports_each_class(cond_data, soc_model, tmp_path):
-    straight = tmp_path / "straight"   # the critic also reads each group's spread (--critic-minibatch-std)
-    assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", "--critic-minibatch-std", "2")) == 0
+    straight = tmp_path / "straight"
+    assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2")) == 0
     [run] = run_dirs(straight)
     config = json.loads((run / "config.json").read_text())
     assert config["condition_classes"] == ["0degC", "10degC", "25degC"]
@@ -81,15 +81,12 @@ def test_conditional_run_records_classes_resumes_exactly_and_reports_each_class(
     # the generator and the critic see the one-hot classes: 3 more input channels each
     state = torch.load(run / "4_epoch" / "generator.pth")
     assert state["lstm_1.weight_ih_l0"].shape[1] == 8 + 3
-    critic = torch.load(run / "4_epoch" / "discriminator.pth")
-    assert critic["linear.weight"].shape[1] == 1024 // 16 + 1   # the last step's features and the group's spread
     resumed = tmp_path / "resumed"
-    assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", "--critic-minibatch-std", "2")) == 0
+    assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2")) == 0
     [half] = run_dirs(resumed)
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
     assert read_losses(half) == read_losses(run)
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "5", "--condition", "none"]) == 2
-    assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "5", "--critic-minibatch-std", "0"]) == 2
 
 
 def test_generate_temperature_picks_the_class(cond_data, soc_model, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 import evaluate
 import train_lstm_gan
 from arg_parser import PRESETS, build_parser, parse_arg
-from gan_trainer_base import CRITIC_BYTES_PER_UNIT, WGANGP, WGANGPSettings, auto_critic_chunk, chunk_count
+from gan_trainer_base import CRITIC_BYTES_PER_UNIT, auto_critic_chunk, chunk_count
 
 
 def test_preset_cpu_sets_its_defaults_and_typed_flags_win():
@@ -112,39 +112,6 @@ def test_mean_and_meanstd_readouts_score_every_step():
     for name in ("lstm_1", "lstm_2", "lstm_3", "lstm_4"):
         getattr(spread, name).load_state_dict(getattr(mean, name).state_dict())
     torch.testing.assert_close(spread(x), spread.linear(stats))
-
-
-def test_minibatch_std_gives_each_sample_its_groups_spread():
-    torch.manual_seed(0)
-    plain = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="meanstd")
-    grouped = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="meanstd", minibatch_std=4)
-    assert grouped.linear.in_features == plain.linear.in_features + 1   # one more number for the head
-    assert {k: v.shape for k, v in plain.state_dict().items()} == \
-        {k: v.shape for k, v in train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="meanstd")
-         .state_dict().items()}   # off: the critic as before
-    x = torch.rand(8, 9, 3)
-    moved = x.clone()
-    moved[5] += 0.5
-    changed = (grouped(moved) - grouped(x)).abs().squeeze(1) > 1e-7
-    assert changed.tolist() == [False] * 4 + [True] * 4   # sample 5's group (4..7) sees it, the other group does not
-    # the number: each feature's standard deviation over the group, averaged over the features
-    features = torch.rand(6, 5)
-    spread = train_lstm_gan.group_std(features, 4)   # 6 samples: groups of gcd(6, 4) = 2
-    expected = torch.sqrt(features.reshape(3, 2, 5).var(1, unbiased=False) + 1e-8).mean(1).repeat_interleave(2)
-    torch.testing.assert_close(spread, expected[:, None])
-
-
-def test_minibatch_std_critic_step_keeps_real_and_fake_apart():
-    """Real and fake go through the critic in one call without --critic-minibatch-std; with it, a group holding
-    both would show the critic their difference as spread. Identical real windows: their groups' spread is 0."""
-    torch.manual_seed(0)
-    G = train_lstm_gan.Generator(8, 3, 12, scale=0.05)
-    D = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="meanstd", minibatch_std=4)
-    real = torch.rand(1, 12, 3).expand(6, -1, -1).contiguous()   # 6 + 6 in groups of 4 would mix them
-    frozen = lambda net: torch.optim.SGD(net.parameters(), lr=0.0)
-    gan = WGANGP(G, D, frozen(G), frozen(D), real, 6, 0, WGANGPSettings(critic_steps=1))
-    d_real = gan.critic_step()[1]
-    torch.testing.assert_close(d_real, D(real).mean().detach())
 
 
 def test_auto_critic_chunk_follows_memory():
