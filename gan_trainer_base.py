@@ -219,6 +219,16 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     return ((grad_norm - 1) ** 2).mean() * lambda_term
 
 
+def mode_seeking_term(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Mao et al. 2019 (MSGAN): 1 / (|G(z1) - G(z2)| / |z1 - z2|), means of absolute differences, over the pairs
+    (i, i + B/2) of a batch of 2 * (B/2). Small when two noises give different sequences: a conditional generator
+    that ignores its noise (one sequence per class) pays for it."""
+    half = len(z) // 2
+    dz = (z[:half] - z[half:2 * half]).abs().mean((1, 2))
+    dx = (fake[:half] - fake[half:2 * half]).abs().mean((1, 2))
+    return (1 / (dx / dz + 1e-5)).mean()
+
+
 class BatchSampler:
     """One persistent shuffled pass after another over the real windows (the original rebuilt its loader
     iterator at every critic step). The last batch of a pass may be short, as with DataLoader(drop_last=False).
@@ -251,17 +261,18 @@ class BatchSampler:
 
 @dataclass
 class WGANGPSettings:
-    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision)."""
+    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
     critic_chunk: int = 0
     precision: str = "fp32"
+    mode_seeking: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
-                   args.critic_chunk, args.precision)
+                   args.critic_chunk, args.precision, args.mode_seeking)
 
 
 class WGANGP:
@@ -344,12 +355,19 @@ class WGANGP:
     def generator_step(self) -> torch.Tensor:
         self.D.requires_grad_(False)   # only the generator's gradients are needed
         self.g_optim.zero_grad(set_to_none=True)
+        lam, b = self.settings.mode_seeking, self.batch_size
         classes = None   # conditional: classes as often as the real windows have them
-        if self.classes is not None:
-            classes = self.classes[torch.randint(len(self.classes), (self.batch_size,), device=self.device)]
+        if self.classes is not None:   # --mode-seeking: as pairs, sample i and i + b/2 of one class
+            classes = self.classes[torch.randint(len(self.classes), (b // 2 if lam else b,), device=self.device)]
+            classes = classes.repeat(2) if lam else classes
         with self.autocast():
-            score = self.D(self.conditioned(self.G(self.noise(self.batch_size, classes)), classes)).float().mean()
-        (-score).backward()
+            z = self.noise(2 * (b // 2) if lam else b, classes)
+            fake = self.G(z)
+            score = self.D(self.conditioned(fake, classes)).float().mean()
+        loss = -score
+        if lam:
+            loss = loss + lam * mode_seeking_term(z[..., :unwrap(self.G).input_dim], fake.float())
+        loss.backward()
         if self.world > 1:
             average_gradients(self.G, self.world)
         self.g_optim.step()

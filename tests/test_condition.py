@@ -14,7 +14,8 @@ import evaluate
 import generate
 import lg_dataset
 from conftest import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
-from train_lstm_gan import Generator, main
+from gan_trainer_base import WGANGP, WGANGPSettings, mode_seeking_term
+from train_lstm_gan import Discriminator, Generator, main
 
 ROWS = np.arange(0, 2030, 80)[:24]   # real windows from all three temperatures, in file order
 
@@ -194,3 +195,42 @@ def test_conditional_training_under_torchrun(cond_data, soc_model, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     key = "lstm_1.weight_ih_l0"
     assert torch.equal(ranks[0]["D"][key], ranks[1]["D"][key]) and ranks[0]["D"][key].shape[1] == 3 + 3
+
+
+def test_mode_seeking_term_by_hand():
+    """1 / (mean |G(z1) - G(z2)| / mean |z1 - z2|) over the pairs (i, i + B/2), averaged over the pairs."""
+    z = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]], [[2.0, 0.0]], [[1.0, 3.0]]])   # |dz|: 1, 2
+    fake = torch.tensor([[[0.0]], [[0.0]], [[0.5]], [[0.0]]])                      # |dx|: 0.5, 0
+    term = mode_seeking_term(z, fake)
+    assert term.item() == pytest.approx((1 / (0.5 + 1e-5) + 1 / 1e-5) / 2)
+
+
+def test_mode_seeking_pairs_share_a_class_and_push_the_generator():
+    """--mode-seeking: the generator step's batch is pairs of one class with their own noise, and the term changes
+    the generator's update; 0 keeps the step as before (a class drawn per sample, the critic's score alone)."""
+    def step(lam):
+        torch.manual_seed(0)
+        g, d = Generator(8, 3, 20, scale=0.0625, n_classes=3), Discriminator(6, scale=0.0625)
+        seen = []
+        g.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), torch.rand(12, 20, 3),
+                     6, 0, WGANGPSettings(mode_seeking=lam), classes=torch.tensor([0, 1, 2] * 4))
+        gan.generator_step()
+        return seen[0], [p.grad.clone() for p in g.parameters()]
+    z, grads = step(1.0)
+    assert z.shape[0] == 6 and torch.equal(z[:3, :, 8:], z[3:, :, 8:]) and not torch.equal(z[:3, :, :8], z[3:, :, :8])
+    z_weak, grads_weak = step(1e-9)   # the same pairs and noise: only the term's weight differs
+    assert torch.equal(z, z_weak)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, grads_weak))
+    z0, _ = step(0.0)
+    assert z0.shape[0] == 6 and not torch.equal(z0[:3, :, 8:], z0[3:, :, 8:])   # classes drawn per sample
+
+
+def test_mode_seeking_run_resumes_exactly(cond_data, soc_model, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", "--mode-seeking", "0.3")) == 0
+    assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", "--mode-seeking", "0.3")) == 0
+    [run], [half] = run_dirs(straight), run_dirs(resumed)
+    assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
+    assert read_losses(half) == read_losses(run)
+    assert json.loads((run / "config.json").read_text())["args"]["mode_seeking"] == 0.3
