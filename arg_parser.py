@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode-seeking", type=_non_negative_float, default=0.0,
                    help="weight of the mode-seeking term in the generator's loss (Mao et al. 2019): the generator "
                         "step draws its batch as pairs (one class each when conditional) and adds LAMBDA / "
-                        "(|G(z1) - G(z2)| / |z1 - z2|), against one sequence per class; 0: off (the paper)")
+                        "(|G(z1) - G(z2)| / |z1 - z2|), against one sequence per class (an odd batch leaves one sample "
+                        "out of that step); 0: off (the paper)")
     p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
                    help="aligned: compare real and synthetic over the same time steps; paper: real steps "
                         "0..L-1 against synthetic steps T-L-1..T-2 as the original did")

@@ -749,6 +749,9 @@ def check_inputs(trainer: GANTrainerBase) -> None:
     if min(a.soc_estimator_step, t.seq_len - a.soc_estimator_step) < 2:
         raise UserError(f"-socs {a.soc_estimator_step}: the evaluation keeps L = min(socs, T - socs) steps of each "
                         f"{t.seq_len}-step sequence, here fewer than 2; use -socs {t.seq_len - 2} or less")
+    if a.mode_seeking and t.batch_size < 2:
+        raise UserError(f"--mode-seeking {a.mode_seeking}: the generator step compares pairs of samples, and each "
+                        f"process has a batch of {t.batch_size}; use -b {2 * t.world} or more, or --mode-seeking 0")
     if a.evaluate_sample_size < MIN_EVAL_SAMPLES:
         raise UserError(f"-ess {a.evaluate_sample_size}: the evaluation (PCA, t-SNE, metrics) needs at least "
                         f"{MIN_EVAL_SAMPLES} sequences; use -ess {MIN_EVAL_SAMPLES} or more")

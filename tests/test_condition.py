@@ -234,3 +234,11 @@ def test_mode_seeking_run_resumes_exactly(cond_data, soc_model, tmp_path):
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
     assert read_losses(half) == read_losses(run)
     assert json.loads((run / "config.json").read_text())["args"]["mode_seeking"] == 0.3
+
+
+def test_mode_seeking_needs_pairs(cond_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(cond_args(cond_data, soc_model, results, "-e", "2", "-b", "1", "--mode-seeking", "0.3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--mode-seeking" in err and "-b 2" in err and len(err.splitlines()) == 1
+    assert not results.exists() or not any(results.iterdir())
