@@ -398,7 +398,7 @@ def measure_graphed_critic(cfg: argparse.Namespace, gan: WGANGP) -> dict:
         with torch.cuda.graph(graph):
             losses = gan.critic_step()
         replays = []
-        seconds, memory = timed(lambda: (graph.replay(), replays.append(losses.tolist())), cfg.steps,
+        seconds, *memory = timed(lambda: (graph.replay(), replays.append(losses.tolist())), cfg.steps,
                                 cfg.warmup, device)
     except Exception as e:   # experimental: report why capture failed, keep the other figures
         return {"measure": "critic_step_cuda_graph", "device": str(device), "error": f"{type(e).__name__}: {e}"}

@@ -45,21 +45,14 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_dev
 step pytest_cuda 150 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_lean_lstm.py tests/test_bench.py \
     tests/test_soc_estimator.py tests/test_generate.py tests/test_evaluate.py tests/test_train_lstm_gan.py
 
+# a conditional run with the mode-seeking term (the generator step's paired draws on the device)
+step conditional_e2 60 $PY train_lstm_gan.py --preset cpu --condition temperature --mode-seeking 0.3 -e 2 -s 2 \
+    -ess 16 --device cuda --results-dir "$RESULTS/conditional"
+
 # the paper config, fp32: critic and generator iterations (reference and fast), the equal-loss check
 step bench_fp32 90 $PY bench.py --device cuda --precision fp32 --steps 3 --warmup 1 --check-steps 2 --label-seqs 0
-# the fast critic step as one CUDA graph (experimental), and its operators (torch.profiler; at 60 steps, since the
-# profiler cannot keep up with the ~4 x 10^5 operators of 600 steps within a minute)
-step bench_cuda_graph 90 $PY bench.py --device cuda --impl fast --steps 3 --warmup 1 --check-steps 0 \
-    --label-seqs 0 --cuda-graph
-step bench_profile_60_steps 60 $PY bench.py --device cuda --impl fast --seq-len 60 --steps 1 --warmup 0 \
-    --check-steps 0 --label-seqs 0 --profile
-# the snapshot at -ess 4000: generate + label 4000 sequences, PCA and t-SNE of 4000 + 4000
-step eval_ess4000 120 $PY bench.py --device cuda --impl fast --steps 1 --warmup 0 --check-steps 0 --label-seqs 0 \
-    --eval-seqs 4000
-step soc_bench_4000 60 $PY soc_estimator.py --bench 4000 --device cuda
-
-# the main command on the GPU (about 25 s per paper epoch on an H100), resumed, then generate.py and evaluate.py
-step train_e3 150 $PY train_lstm_gan.py -e 3 -s 1 -ess 64 --device cuda --results-dir "$RESULTS"
+# the main command on the GPU (about 13 s per paper epoch on an H100), resumed, then generate.py and evaluate.py
+step train_e3 120 $PY train_lstm_gan.py -e 3 -s 1 -ess 64 --device cuda --results-dir "$RESULTS"
 RUN=$(newest_run)
 echo "run: ${RUN:-none}" | tee -a "$OUT/summary.txt"
 if [[ -n "$RUN" ]]; then
@@ -69,6 +62,17 @@ if [[ -n "$RUN" ]]; then
     step evaluate 90 $PY evaluate.py -r "$RUN" --results-dir "$RESULTS" --device cuda
     cp "$RESULTS/$RUN/losses.csv" "$OUT/losses.csv" 2>/dev/null
 fi
+
+# the fast critic step as one CUDA graph (experimental), and its operators (torch.profiler; at 60 steps, since the
+# profiler cannot keep up with the ~1.2 x 10^5 kernels of 600 steps within a minute)
+step bench_cuda_graph 90 $PY bench.py --device cuda --impl fast --steps 3 --warmup 1 --check-steps 0 \
+    --label-seqs 0 --cuda-graph
+step bench_profile_60_steps 60 $PY bench.py --device cuda --impl fast --seq-len 60 --steps 1 --warmup 0 \
+    --check-steps 0 --label-seqs 0 --profile
+# the snapshot at -ess 4000: generate + label 4000 sequences, PCA and t-SNE of 4000 + 4000
+step eval_ess4000 120 $PY bench.py --device cuda --impl fast --steps 1 --warmup 0 --check-steps 0 --label-seqs 0 \
+    --eval-seqs 4000
+step soc_bench_4000 60 $PY soc_estimator.py --bench 4000 --device cuda
 
 step bench_tf32 60 $PY bench.py --device cuda --impl fast --precision tf32 --steps 2 --warmup 1 --check-steps 0 \
     --label-seqs 0

@@ -85,3 +85,13 @@ def test_bf16_losses_stay_close_to_fp32_or_is_refused():
         losses[precision] = np.array([list(gan.train_epoch().values()) for _ in range(3)])
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=BF16_RTOL)
     assert not np.array_equal(losses["bf16"], losses["fp32"])   # autocast really ran in bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+def test_cuda_graph_line_times_replays_that_train():
+    """--cuda-graph: the captured critic step replays and keeps training (an error line would hide a broken
+    capture; the first GPU run of it failed on its own timing line)."""
+    line = bench.main(["--device", "cuda", "--quick", "--impl", "fast", "--check-steps", "0", "--label-seqs", "0",
+                       "--cuda-graph"])[-1]
+    assert line["measure"] == "critic_step_cuda_graph" and "error" not in line, line
+    assert line["finite"] and line["moved"] and line["seconds"] > 0
