@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "step draws its batch as pairs (one class each when conditional) and adds LAMBDA / "
                         "(|G(z1) - G(z2)| / |z1 - z2|), against one sequence per class (an odd batch leaves one sample "
                         "out of that step); 0: off (the paper)")
+    p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
+                   help="the critic also reads each sequence's voltage residual about its least-squares line in the "
+                        "current (what the cell's resistance does not explain; real windows: ~10 mV), times this "
+                        "scale, as one more input channel, so that a voltage that wanders apart from the current is "
+                        "seen; 0: off (the paper)")
     p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
                    help="aligned: compare real and synthetic over the same time steps; paper: real steps "
                         "0..L-1 against synthetic steps T-L-1..T-2 as the original did")

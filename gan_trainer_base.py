@@ -34,7 +34,7 @@ PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
 ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "critic_readout", "generator_noise",
-              "noise_time_steps", "condition")
+              "noise_time_steps", "condition", "critic_residual")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training

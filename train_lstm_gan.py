@@ -100,19 +100,31 @@ class Generator(nn.Module):
         return x
 
 
+def voltage_residual(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, >=2] with V and I in channels 0 and 1 -> [B, T]: each sequence's voltage about its least-squares
+    line in its current, the part of V that the cell's resistance does not explain (metrics.voltage_residual is its
+    spread). Over a window the open-circuit voltage hardly moves, so in real windows it stays within ~10 mV."""
+    v, i = x[..., 0], x[..., 1]
+    vc, ic = v - v.mean(1, keepdim=True), i - i.mean(1, keepdim=True)
+    slope = (vc * ic).sum(1, keepdim=True) / (ic * ic).sum(1, keepdim=True).clamp_min(1e-6)
+    return vc - slope * ic
+
+
 class Discriminator(nn.Module):
     """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm (--critic-norm layer:
     a per-step layer norm) + LeakyReLU(0.2);
     the last time step's features go through Linear(1024, 1) (--critic-readout mean: every step's features, averaged
     over time; meanstd: their mean and standard deviation over time, Linear(2048, 1)). No sigmoid: it scores, it does
-    not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward)."""
+    not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward).
+    residual > 0 (--critic-residual): the voltage residual times `residual` is one more input channel, after the
+    others."""
 
     def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
-                 norm: str = "instance", readout: str = "last"):
+                 norm: str = "instance", readout: str = "last", residual: float = 0.0):
         super().__init__()
-        self.input_dim = input_dim
+        self.input_dim, self.residual = input_dim, residual
         self.norm_layout, self.norm, self.readout = norm_layout, norm, readout
-        widths = [input_dim] + [scaled(w, scale) for w in CRITIC_WIDTHS]
+        widths = [input_dim + (1 if residual else 0)] + [scaled(w, scale) for w in CRITIC_WIDTHS]
         for i in range(4):
             setattr(self, f"lstm_{i + 1}", LeanLSTM(widths[i], widths[i + 1], batch_first=True))
             setattr(self, f"instance_norm_{i + 1}", InstanceNorm(widths[i + 1]))
@@ -122,6 +134,8 @@ class Discriminator(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:   # differentiable, so the gradient penalty sees it as part of the critic
+            x = torch.cat([x, self.residual * voltage_residual(x).unsqueeze(-1)], dim=-1)
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
             if self.norm == "layer":   # per step over features: a sequence's levels stay visible to the critic
@@ -151,7 +165,7 @@ def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0) 
 def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:
     """Conditional: the sequence's N_FEATURES channels are followed by n_classes one-hot channels."""
     return Discriminator(N_FEATURES + n_classes, args.discriminator_dropout, args.model_scale, args.norm_layout,
-                         args.critic_norm, args.critic_readout)
+                         args.critic_norm, args.critic_readout, args.critic_residual)
 
 
 def build_optimizers(args: argparse.Namespace, generator: nn.Module, critic: nn.Module) -> tuple[Adam, Adam]:

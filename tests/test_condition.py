@@ -226,14 +226,18 @@ def test_mode_seeking_pairs_share_a_class_and_push_the_generator():
     assert z0.shape[0] == 6 and not torch.equal(z0[:3, :, 8:], z0[3:, :, 8:])   # classes drawn per sample
 
 
-def test_mode_seeking_run_resumes_exactly(cond_data, soc_model, tmp_path):
+def test_mode_seeking_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", "--mode-seeking", "0.3")) == 0
-    assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", "--mode-seeking", "0.3")) == 0
+    flags = ("--mode-seeking", "0.3", "--critic-residual", "10")
+    assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
+    assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
     assert read_losses(half) == read_losses(run)
-    assert json.loads((run / "config.json").read_text())["args"]["mode_seeking"] == 0.3
+    saved = json.loads((run / "config.json").read_text())["args"]
+    assert (saved["mode_seeking"], saved["critic_residual"]) == (0.3, 10.0)
+    critic = torch.load(run / "checkpoint.pt", weights_only=True)["discriminator"]
+    assert critic["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, three classes, the residual
 
 
 def test_mode_seeking_needs_pairs(cond_data, soc_model, tmp_path, capsys):

@@ -198,7 +198,8 @@ def test_a_diverged_generator_is_recorded_and_the_checkpoint_written(tiny_data, 
 # ---- 5. every bad input: one line, exit 2, nothing written -------------------------------------------------------
 
 @pytest.mark.parametrize("flags", [["--model-scale", "nan"], ["--model-scale", "inf"], ["-glr", "-1e-4"],
-                                   ["-dlr", "-1"], ["-gab1", "1.0"], ["-dab2", "-0.1"]])
+                                   ["-dlr", "-1"], ["-gab1", "1.0"], ["-dab2", "-0.1"], ["--critic-residual", "-1"],
+                                   ["--critic-residual", "nan"]])
 def test_bad_numbers_are_one_line(flags, tiny_data, soc_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(tiny_args(tiny_data, soc_model, tmp_path / "results", *flags))

@@ -15,7 +15,8 @@ import arg_parser
 import gan_trainer_base
 from gan_trainer_base import BatchSampler, gradient_penalty
 from conftest import read_losses, run_dirs, stop_training, tiny_args
-from train_lstm_gan import Discriminator, Generator, main, normalize
+from metrics import voltage_residual as residual_spread
+from train_lstm_gan import Discriminator, Generator, main, normalize, voltage_residual
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,6 +143,48 @@ def test_gradient_penalty_norms_by_hand():
     assert sample == pytest.approx(10 * (w.norm() - 1).item() ** 2, rel=1e-5)                # per sample
     # a short batch (the original sized eta from the configured batch and crashed)
     assert gradient_penalty(critic, real[:1], fake[:1], 10.0).item() == pytest.approx(paper, rel=1e-5)
+
+
+def test_voltage_residual_ignores_the_resistance_line_and_keeps_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(3, 50, 6, dtype=torch.float64)
+    r = voltage_residual(x)
+    # a level and any resistance (V + a + b I) leave it unchanged; the metric's spread is its standard deviation
+    shifted = x.clone()
+    shifted[..., 0] += torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)[:, None] + 0.7 * x[..., 1]
+    assert torch.allclose(voltage_residual(shifted), r, atol=1e-12)
+    np.testing.assert_allclose(r.std(1, unbiased=False).numpy(), residual_spread(x[..., 0].numpy(), x[..., 1].numpy()),
+                               rtol=1e-10)
+    # a voltage that follows its current exactly has none; a constant current leaves the voltage's own wander
+    line = x.clone()
+    line[..., 0] = 4.0 - 0.05 * x[..., 1]
+    assert voltage_residual(line).abs().max() < 1e-12
+    rest = x.clone()
+    rest[..., 1] = 0.5
+    assert torch.allclose(voltage_residual(rest), x[..., 0] - x[..., 0].mean(1, keepdim=True))
+
+
+def test_critic_residual_channel_is_read_and_differentiated_by_the_penalty():
+    torch.manual_seed(0)
+    plain, with_res = Discriminator(6, scale=0.03, norm="layer", readout="meanstd"), \
+        Discriminator(6, scale=0.03, norm="layer", readout="meanstd", residual=10.0)
+    assert with_res.lstm_1.input_size == plain.lstm_1.input_size + 1 == 7
+    x = torch.rand(4, 30, 6)
+    # the residual is its only extra input: zero its weights and the score is the plain critic's
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in with_res.state_dict().items()}
+        state["lstm_1.weight_ih_l0"] = state["lstm_1.weight_ih_l0"][:, :6]
+        plain.load_state_dict(state)
+        with_res.lstm_1.weight_ih_l0[:, 6] = 0
+    assert torch.allclose(with_res(x), plain(x), atol=1e-6)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        with_res.lstm_1.weight_ih_l0[:, 6].normal_()
+    # the gradient penalty's double backward runs through the residual to its weights
+    real, fake = torch.rand(4, 30, 6), torch.rand(4, 30, 6)
+    gp = gradient_penalty(with_res, real, fake, 10.0, "sample", features=3)
+    gp.backward()
+    assert torch.isfinite(gp) and with_res.lstm_1.weight_ih_l0.grad[:, 6].abs().sum() > 0
 
 
 def test_sampler_makes_persistent_passes_with_a_short_last_batch():
@@ -354,6 +397,8 @@ def test_resume_errors(tiny_data, soc_model, tmp_path, capsys):
     assert main(["-r", run.name, "--results-dir", str(results), "--model-scale", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "incompatible architecture" in err and "\n" not in err
+    assert main(["-r", run.name, "--results-dir", str(results), "--critic-residual", "10"]) == 2
+    assert "critic_residual" in capsys.readouterr().err
     assert read_losses(run) == before
 
 
