@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "out of that step); 0: off (the paper)")
     p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
                    help="the critic also reads each sequence's voltage residual about its least-squares line in the "
-                        "current (what the cell's resistance does not explain; real windows: ~10 mV), times this "
+                        "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
                         "scale, as one more input channel, so that a voltage that wanders apart from the current is "
                         "seen; 0: off (the paper)")
     p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",

@@ -134,8 +134,9 @@ class Discriminator(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.residual:   # differentiable, so the gradient penalty sees it as part of the critic
-            x = torch.cat([x, self.residual * voltage_residual(x).unsqueeze(-1)], dim=-1)
+        if self.residual:   # differentiable, so the gradient penalty sees it as part of the critic; sums over time
+            r = self.residual * voltage_residual(x.float())   # in fp32 also under bf16 autocast
+            x = torch.cat([x, r.to(x.dtype).unsqueeze(-1)], dim=-1)
         for i in range(1, 5):
             x, _ = getattr(self, f"lstm_{i}")(x)
             if self.norm == "layer":   # per step over features: a sequence's levels stay visible to the critic
