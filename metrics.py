@@ -69,6 +69,10 @@ METRIC_DOCS = {
     "phys_v_residual_mv": "closer to real_phys_v_residual_mv: per sequence, the std of the voltage about its "
                           "least-squares line in the current (the part the cell's resistance does not explain), "
                           "in mV, mean over sequences; the SOC estimator reads an excess as SOC moving",
+    "phys_resistance_mohm": "closer to real_phys_resistance_mohm: per sequence, the slope of the least-squares "
+                            "line of the voltage in the current (the resistance the voltage follows the current "
+                            "with), in mOhm, median over sequences; a generator's excess swings the voltage, and "
+                            "the SOC label, with the current",
     "phys_soc_out_of_range": "lower: share of synthetic steps with SOC outside [0, 1]",
     "phys_soc_rise_while_discharging": "lower: of the synthetic steps with current < 0 (discharge), the share "
                                        "where SOC rises by more than 1e-4 from the previous step",
@@ -166,9 +170,11 @@ def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
     lo, hi = np.asarray(scaler["min"], np.float64), np.asarray(scaler["max"], np.float64)
     phys = x[..., :3].astype(np.float64) * (hi - lo) + lo
     v, i, t = phys[..., 0], phys[..., 1], phys[..., 2]
+    resistance, residual = resistance_line(v, i)
     out = {"phys_v_out_of_limits": float(((v < V_LIMITS[0]) | (v > V_LIMITS[1])).mean()),
            "phys_t_out_of_range": float(((t < lo[2] - T_MARGIN) | (t > hi[2] + T_MARGIN)).mean()),
-           "phys_v_residual_mv": float(voltage_residual(v, i).mean() * 1000)}
+           "phys_v_residual_mv": float(residual.std(1).mean() * 1000),
+           "phys_resistance_mohm": float(np.median(resistance) * 1000)}
     if x.shape[2] > 3:
         soc = x[..., 3].astype(np.float64)
         out["phys_soc_out_of_range"] = float(((soc < 0) | (soc > 1)).mean())
@@ -182,13 +188,19 @@ def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
     return out
 
 
+def resistance_line(v: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """v, i [n, L] in volts and amperes -> ([n] slope of each sequence's least-squares line of voltage in current,
+    in ohm: the resistance the voltage follows the current with; [n, L] the voltage about that line)."""
+    vc, ic = v - v.mean(1, keepdims=True), i - i.mean(1, keepdims=True)
+    slope = (vc * ic).sum(1) / np.maximum((ic * ic).sum(1), 1e-12)
+    return slope, vc - slope[:, None] * ic
+
+
 def voltage_residual(v: np.ndarray, i: np.ndarray) -> np.ndarray:
     """v, i [n, L] in volts and amperes -> [n] std of each sequence's voltage about its least-squares line in the
     current: what the cell's resistance does not explain. Over a minute the open-circuit voltage hardly moves, so
     in real windows this is a few mV; whatever more a generator puts there, the SOC estimator reads as SOC moving."""
-    vc, ic = v - v.mean(1, keepdims=True), i - i.mean(1, keepdims=True)
-    slope = (vc * ic).sum(1) / np.maximum((ic * ic).sum(1), 1e-12)
-    return (vc - slope[:, None] * ic).std(1)
+    return resistance_line(v, i)[1].std(1)
 
 
 def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:

@@ -14,6 +14,7 @@ TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1
 PLOTS = ("pca.png", "tsne.png", "sequences.png", "marginals.png", "acf.png")
 EVERY_KEY = ("nonfinite_share", "w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "acf_diff_V", "acf_diff_mean",
              "mmd2_rbf_flat", "mmd2_rbf_diff", "phys_v_out_of_limits", "phys_t_out_of_range", "phys_v_residual_mv",
+             "phys_resistance_mohm", "real_phys_resistance_mohm",
              "phys_soc_out_of_range", "phys_soc_rise_while_discharging", "real_phys_v_out_of_limits",
              "discriminative_score", "discriminative_accuracy", "predictive_mae", "predictive_mae_real",
              "tstr_rmse_soc_pct", "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct")

@@ -111,6 +111,27 @@ def test_voltage_residual_is_what_the_current_does_not_explain(sets):
     assert 1 < clean < 12 and bad > clean + 15
 
 
+def test_resistance_is_the_slope_of_voltage_in_current(sets):
+    rng = np.random.default_rng(1)
+    i = rng.normal(-2, 3, (3, 40))
+    v = 3.7 + 0.03 * i + 0.002 * rng.normal(size=i.shape)   # 30 mOhm and 2 mV of noise
+    slope, residual = metrics.resistance_line(v, i)
+    assert slope == pytest.approx(0.03, abs=1e-3)
+    assert residual.std(1) == pytest.approx(metrics.voltage_residual(v, i))
+    # real LG windows: tens of mOhm (an 18650 at 0..25 degC); the voltage swinging twice as far with the current
+    # doubles it, while the residual stays
+    real = sets["held_out"]
+    span = SCALER["max"][0] - SCALER["min"][0], SCALER["max"][1] - SCALER["min"][1]
+    i_scaled = real[..., 1] - real[..., 1].mean(1, keepdims=True)
+    swung = real.copy()
+    swung[..., 0] += i_scaled * span[1] / span[0] * metrics.resistance_line(
+        real[..., 0] * span[0], real[..., 1] * span[1])[0][:, None]
+    clean, doubled = (metrics.physics_sanity(x, SCALER) for x in (real, swung))
+    assert 10 < clean["phys_resistance_mohm"] < 80
+    assert doubled["phys_resistance_mohm"] == pytest.approx(2 * clean["phys_resistance_mohm"], rel=1e-6)
+    assert doubled["phys_v_residual_mv"] == pytest.approx(clean["phys_v_residual_mv"], rel=1e-6)
+
+
 def test_autocorrelation_by_hand():
     t = np.arange(200)
     x = np.stack([np.cos(2 * np.pi * t / 20), np.ones(200)], axis=1)[None]   # period 20 steps; constant
