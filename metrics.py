@@ -190,17 +190,12 @@ def physics_sanity(x: np.ndarray, scaler: dict) -> dict[str, float]:
 
 def resistance_line(v: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """v, i [n, L] in volts and amperes -> ([n] slope of each sequence's least-squares line of voltage in current,
-    in ohm: the resistance the voltage follows the current with; [n, L] the voltage about that line)."""
+    in ohm: the resistance the voltage follows the current with; [n, L] the voltage about that line: what the
+    resistance does not explain). Over a minute the open-circuit voltage hardly moves, so in real windows the
+    residual's spread is a few mV; whatever more a generator puts there, the SOC estimator reads as SOC moving."""
     vc, ic = v - v.mean(1, keepdims=True), i - i.mean(1, keepdims=True)
     slope = (vc * ic).sum(1) / np.maximum((ic * ic).sum(1), 1e-12)
     return slope, vc - slope[:, None] * ic
-
-
-def voltage_residual(v: np.ndarray, i: np.ndarray) -> np.ndarray:
-    """v, i [n, L] in volts and amperes -> [n] std of each sequence's voltage about its least-squares line in the
-    current: what the cell's resistance does not explain. Over a minute the open-circuit voltage hardly moves, so
-    in real windows this is a few mV; whatever more a generator puts there, the SOC estimator reads as SOC moving."""
-    return resistance_line(v, i)[1].std(1)
 
 
 def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:

@@ -102,8 +102,9 @@ class Generator(nn.Module):
 
 def voltage_residual(x: torch.Tensor) -> torch.Tensor:
     """x [B, T, >=2] with V and I in channels 0 and 1 -> [B, T]: each sequence's voltage about its least-squares
-    line in its current, the part of V that the cell's resistance does not explain (metrics.voltage_residual is its
-    spread). Over a window the open-circuit voltage hardly moves, so in real windows it stays within ~10 mV."""
+    line in its current, the part of V that the cell's resistance does not explain (metrics.resistance_line's
+    residual, whose spread is phys_v_residual_mv). Over a window the open-circuit voltage hardly moves, so in real
+    windows it stays within ~10 mV."""
     v, i = x[..., 0], x[..., 1]
     vc, ic = v - v.mean(1, keepdim=True), i - i.mean(1, keepdim=True)
     slope = (vc * ic).sum(1, keepdim=True) / (ic * ic).sum(1, keepdim=True).clamp_min(1e-6)

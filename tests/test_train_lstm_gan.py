@@ -15,7 +15,7 @@ import arg_parser
 import gan_trainer_base
 from gan_trainer_base import BatchSampler, gradient_penalty
 from conftest import read_losses, run_dirs, stop_training, tiny_args
-from metrics import voltage_residual as residual_spread
+from metrics import resistance_line
 from train_lstm_gan import Discriminator, Generator, main, normalize, voltage_residual
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,8 +153,8 @@ def test_voltage_residual_ignores_the_resistance_line_and_keeps_the_rest():
     shifted = x.clone()
     shifted[..., 0] += torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)[:, None] + 0.7 * x[..., 1]
     assert torch.allclose(voltage_residual(shifted), r, atol=1e-12)
-    np.testing.assert_allclose(r.std(1, unbiased=False).numpy(), residual_spread(x[..., 0].numpy(), x[..., 1].numpy()),
-                               rtol=1e-10)
+    spread = resistance_line(x[..., 0].numpy(), x[..., 1].numpy())[1].std(1)
+    np.testing.assert_allclose(r.std(1, unbiased=False).numpy(), spread, rtol=1e-10)
     # a voltage that follows its current exactly has none; a constant current leaves the voltage's own wander
     line = x.clone()
     line[..., 0] = 4.0 - 0.05 * x[..., 1]
