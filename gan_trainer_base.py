@@ -229,6 +229,74 @@ def mode_seeking_term(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return (1 / (dx / dz + 1e-5)).mean()
 
 
+def voltage_line(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T, >=2] with V and I in channels 0 and 1 -> ([B] slope of each sequence's least-squares line of V in I,
+    [B, T] V about that line): metrics.resistance_line in torch and scaled units, differentiable."""
+    v, i = x[..., 0], x[..., 1]
+    vc, ic = v - v.mean(1, keepdim=True), i - i.mean(1, keepdim=True)
+    slope = (vc * ic).sum(1, keepdim=True) / (ic * ic).sum(1, keepdim=True).clamp_min(1e-6)
+    return slope.squeeze(1), vc - slope * ic
+
+
+def window_levels(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, >=3] (V, I, T first) -> [B, 5]: each window's mean V, I and T (where it sits: what the level-dominated
+    flat MMD and the SOC labels follow), the resistance its voltage follows its current with, and the log of the
+    spread of what that does not explain (which the SOC estimator reads as SOC moving)."""
+    x = x[..., :3].float()
+    slope, residual = voltage_line(x)
+    return torch.cat([x.mean(1), slope[:, None], torch.log(residual.std(1) + 1e-4)[:, None]], dim=1)
+
+
+class LevelMatching:
+    """--level-mmd: squared MMD, per class, between the generated windows' levels (window_levels) and those of the
+    real windows of the class, with a sum of Gaussian kernels (0.25 to 2 times the real windows' median distance)
+    on levels standardised by the real windows' spread. Unlike the mode-seeking term, which rewards
+    any difference between two samples, it asks for the real spread of levels: no more, no less."""
+
+    BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)
+    GROUPS = (slice(0, 3), slice(3, 5))   # window_levels' columns: the mean levels, the resistance and residual
+    MAX_REAL = 4096   # real windows kept (a fixed random subset beyond): the real-real term is quadratic in them
+
+    def __init__(self, real: torch.Tensor, classes: torch.Tensor | None):
+        keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:self.MAX_REAL].to(real.device)
+        levels = window_levels(real[keep])
+        self.mean, self.std = levels.mean(0), levels.std(0).clamp_min(1e-8)
+        self.levels = (levels - self.mean) / self.std
+        self.classes = classes[keep] if classes is not None else torch.zeros(len(keep), dtype=torch.long,
+                                                                             device=real.device)
+        sample = self.levels[:1024]   # already in random order
+        scales = torch.tensor(self.BANDWIDTHS, device=real.device) ** 2
+        self.sigma2 = [torch.cdist(sample[:, g], sample[:, g]).pow(2).flatten().median() * scales
+                       for g in self.GROUPS]
+        # the real-real term is a constant of the data: once, so that the term reads as the MMD itself
+        self.real_term = {int(c): self.pair_mean(self.levels[self.classes == c]) for c in self.classes.unique()}
+
+    def pair_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's mean over the pairs of distinct rows of x (0 for a single row): the unbiased estimate."""
+        k, n = self.kernel(x, x), len(x)
+        return (k.sum() - k.diagonal().sum()) / max(1, n * (n - 1))
+
+    def kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A sum of one kernel on the mean levels and one on the physics: a window far off in one does not hide
+        how near it is in the other."""
+        out = 0
+        for g, sigma2 in zip(self.GROUPS, self.sigma2):
+            d2 = torch.cdist(a[:, g], b[:, g]).pow(2).unsqueeze(-1)
+            out = out + torch.exp(-d2 / (2 * sigma2)).mean(-1) / len(self.GROUPS)
+        return out
+
+    def __call__(self, fake: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        """fake [B, T, >=3] -> the mean over the batch's classes of each class's squared MMD (unbiased in fake)."""
+        f = (window_levels(fake) - self.mean) / self.std
+        classes = torch.zeros(len(f), dtype=torch.long, device=f.device) if classes is None else classes
+        terms = []
+        for c in classes.unique():
+            fc = f[classes == c]
+            cross = self.kernel(fc, self.levels[self.classes == c]).mean()
+            terms.append(self.pair_mean(fc) - 2 * cross + self.real_term[int(c)])
+        return torch.stack(terms).mean()
+
+
 class BatchSampler:
     """One persistent shuffled pass after another over the real windows (the original rebuilt its loader
     iterator at every critic step). The last batch of a pass may be short, as with DataLoader(drop_last=False).
@@ -261,18 +329,19 @@ class BatchSampler:
 
 @dataclass
 class WGANGPSettings:
-    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking)."""
+    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
     critic_chunk: int = 0
     precision: str = "fp32"
     mode_seeking: float = 0.0
+    level_mmd: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
-                   args.critic_chunk, args.precision, args.mode_seeking)
+                   args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd)
 
 
 class WGANGP:
@@ -299,6 +368,7 @@ class WGANGP:
         # asked for to save memory, so the cap's page faults (~20 % of the step) are paid there only
         chunked = 0 < settings.critic_chunk < batch_size and self.device.type == "cpu"
         self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
+        self.level_matching = LevelMatching(real, self.classes) if settings.level_mmd else None
 
     def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),
@@ -367,6 +437,8 @@ class WGANGP:
         loss = -score
         if lam:
             loss = loss + lam * mode_seeking_term(z[..., :unwrap(self.G).input_dim], fake.float())
+        if self.level_matching is not None:
+            loss = loss + self.settings.level_mmd * self.level_matching(fake, classes)
         loss.backward()
         if self.world > 1:
             average_gradients(self.G, self.world)

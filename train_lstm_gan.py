@@ -15,7 +15,7 @@ from torch.optim import Adam
 
 from arg_parser import parse_arg
 from common import cli
-from gan_trainer_base import GANTrainerBase
+from gan_trainer_base import GANTrainerBase, voltage_line
 from lean_lstm import LeanLSTM
 
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
@@ -105,10 +105,7 @@ def voltage_residual(x: torch.Tensor) -> torch.Tensor:
     line in its current, the part of V that the cell's resistance does not explain (metrics.resistance_line's
     residual, whose spread is phys_v_residual_mv). Over a window the open-circuit voltage hardly moves, so in real
     windows it stays within ~10 mV."""
-    v, i = x[..., 0], x[..., 1]
-    vc, ic = v - v.mean(1, keepdim=True), i - i.mean(1, keepdim=True)
-    slope = (vc * ic).sum(1, keepdim=True) / (ic * ic).sum(1, keepdim=True).clamp_min(1e-6)
-    return vc - slope * ic
+    return voltage_line(x)[1]
 
 
 class Discriminator(nn.Module):

@@ -14,7 +14,7 @@ import evaluate
 import generate
 import lg_dataset
 from conftest import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
-from gan_trainer_base import WGANGP, WGANGPSettings, mode_seeking_term
+from gan_trainer_base import LevelMatching, WGANGP, WGANGPSettings, mode_seeking_term, voltage_line
 from train_lstm_gan import Discriminator, Generator, main
 
 ROWS = np.arange(0, 2030, 80)[:24]   # real windows from all three temperatures, in file order
@@ -226,16 +226,53 @@ def test_mode_seeking_pairs_share_a_class_and_push_the_generator():
     assert z0.shape[0] == 6 and not torch.equal(z0[:3, :, 8:], z0[3:, :, 8:])   # classes drawn per sample
 
 
-def test_mode_seeking_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
+def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs():
+    """--level-mmd's term on the shipped real windows (first 40 steps): half of them as the reference, the other
+    half as the 'generated' windows, as they are and changed in their levels, resistance or voltage noise."""
+    classes, _ = lg_dataset.window_classes(lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy"))
+    x = torch.from_numpy(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[:, :40, :3].copy())
+    c = torch.as_tensor(classes)
+    term = LevelMatching(x[::2], c[::2])
+    held, held_c = x[1::2], c[1::2]
+    assert abs(term(held, held_c).item()) < 0.005
+    shifted = held.clone()
+    shifted[..., 1] += 0.1   # every window's current 2.4 A higher
+    assert term(shifted, held_c).item() > 0.04
+    steeper = held.clone()   # the voltage follows the current with twice its resistance
+    slope, _ = voltage_line(steeper)
+    steeper[..., 0] += slope[:, None] * (steeper[..., 1] - steeper[..., 1].mean(1, keepdim=True))
+    assert term(steeper, held_c).item() > 0.04
+    wandering = held.clone()   # 29 mV of noise that the current does not explain
+    wandering[..., 0] += 0.02 * torch.randn(held.shape[:2], generator=torch.Generator().manual_seed(0))
+    assert term(wandering, held_c).item() > 0.1
+    cold = held_c == 0
+    assert term(held[cold], torch.full((int(cold.sum()),), 2)).item() > 0.3   # 0 degC windows called 25 degC
+    assert term(held.mean(0, keepdim=True).expand_as(held), held_c).item() > 0.3   # one level for every window
+
+
+def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
+    def grads(weight):
+        torch.manual_seed(0)
+        g, d = Generator(8, 3, 20, scale=0.0625, n_classes=3), Discriminator(6, scale=0.0625)
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), torch.rand(12, 20, 3),
+                     6, 0, WGANGPSettings(level_mmd=weight), classes=torch.tensor([0, 1, 2] * 4))
+        gan.generator_step()
+        return [p.grad.clone() for p in g.parameters()]
+    plain, weighted, off = grads(1e-9), grads(10.0), grads(0.0)
+    assert all(torch.allclose(a, b) for a, b in zip(plain, off))
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(plain, weighted))
+
+
+def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ("--mode-seeking", "0.3", "--critic-residual", "10")
+    flags = ("--mode-seeking", "0.3", "--critic-residual", "10", "--level-mmd", "10")
     assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
     assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
     assert read_losses(half) == read_losses(run)
     saved = json.loads((run / "config.json").read_text())["args"]
-    assert (saved["mode_seeking"], saved["critic_residual"]) == (0.3, 10.0)
+    assert (saved["mode_seeking"], saved["critic_residual"], saved["level_mmd"]) == (0.3, 10.0, 10.0)
     critic = torch.load(run / "checkpoint.pt", weights_only=True)["discriminator"]
     assert critic["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, three classes, the residual
 
