@@ -13,6 +13,7 @@ import torch
 import evaluate
 import generate
 import lg_dataset
+import metrics
 from conftest import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
 from gan_trainer_base import LevelMatching, WGANGP, WGANGPSettings, mode_seeking_term, voltage_line
 from train_lstm_gan import Discriminator, Generator, main
@@ -283,3 +284,26 @@ def test_mode_seeking_needs_pairs(cond_data, soc_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--mode-seeking" in err and "-b 2" in err and len(err.splitlines()) == 1
     assert not results.exists() or not any(results.iterdir())
+
+
+def test_the_shipped_conditional_run_keeps_its_classes_and_the_cells_resistance():
+    """results/lg_cpu_conditional_level at its evaluated epoch (875), unlabelled, 96 sequences per class as the
+    README's evaluation: they sit within 2 degC of their class's real mean temperature, and over the compared steps
+    (the last 300) their voltage follows the current with a resistance within 1.5x of the real class's."""
+    run = ROOT / "results" / "lg_cpu_conditional_level"
+    config = json.loads((run / "config.json").read_text())
+    g = generate.load_generator(config, run / "875_epoch", torch.device("cpu"))
+    data = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")
+    sidecar = lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy")
+    classes, names = lg_dataset.window_classes(sidecar)
+    lo, hi = np.asarray(sidecar["scaler"]["min"]), np.asarray(sidecar["scaler"]["max"])
+
+    def resistance(x):
+        v, i = x[..., 0] * (hi[0] - lo[0]) + lo[0], x[..., 1] * (hi[1] - lo[1]) + lo[1]
+        return np.median(metrics.resistance_line(v, i)[0])
+    for k, name in enumerate(names):
+        fake = generate.generate(g, 96, 0, 96, torch.device("cpu"), np.full(96, k))[:, 300:]
+        real = np.asarray(data[classes == k][:, 300:, :3], np.float64)
+        gap = (fake[..., 2].mean() - real[..., 2].mean()) * (hi[2] - lo[2])
+        assert abs(gap) < 2, (name, gap)
+        assert 1 / 1.5 < resistance(fake) / resistance(real) < 1.5, name
