@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "out of that step); 0: off (the paper)")
     p.add_argument("--level-mmd", type=_non_negative_float, default=0.0,
                    help="weight of a level-matching term in the generator's loss: the squared MMD, per class, between "
-                        "the generated windows' levels (mean V, I and T, the resistance the voltage follows the current with, the "
-                        "spread of the voltage that this does not explain) and those of the real windows: it asks for "
-                        "the real spread of levels where --mode-seeking rewards any spread; 0: off (the paper)")
+                        "the generated and the real windows' levels (mean V, I and T; the resistance the voltage "
+                        "follows the current with and the spread of the voltage that this does not explain): it asks "
+                        "for the real spread of levels where --mode-seeking rewards any spread; 0: off (the paper)")
     p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
                    help="the critic also reads each sequence's voltage residual about its least-squares line in the "
                         "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
