@@ -261,15 +261,15 @@ class LevelMatching:
         keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:self.MAX_REAL].to(real.device)
         levels = window_levels(real[keep])
         self.mean, self.std = levels.mean(0), levels.std(0).clamp_min(1e-8)
-        self.levels = (levels - self.mean) / self.std
-        self.classes = classes[keep] if classes is not None else torch.zeros(len(keep), dtype=torch.long,
-                                                                             device=real.device)
-        sample = self.levels[:1024]   # already in random order
+        levels = (levels - self.mean) / self.std
+        kept_classes = classes[keep] if classes is not None else torch.zeros_like(keep)
+        sample = levels[:1024]   # already in random order
         scales = torch.tensor(self.BANDWIDTHS, device=real.device) ** 2
         self.sigma2 = [torch.cdist(sample[:, g], sample[:, g]).pow(2).flatten().median() * scales
                        for g in self.GROUPS]
+        self.real = {int(c): levels[kept_classes == c] for c in kept_classes.unique()}   # each class's real levels
         # the real-real term is a constant of the data: once, so that the term reads as the MMD itself
-        self.real_term = {int(c): self.pair_mean(self.levels[self.classes == c]) for c in self.classes.unique()}
+        self.real_term = {c: self.pair_mean(x) for c, x in self.real.items()}
 
     def pair_mean(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel's mean over the pairs of distinct rows of x (0 for a single row): the unbiased estimate."""
@@ -292,7 +292,7 @@ class LevelMatching:
         terms = []
         for c in classes.unique():
             fc = f[classes == c]
-            cross = self.kernel(fc, self.levels[self.classes == c]).mean()
+            cross = self.kernel(fc, self.real[int(c)]).mean()
             terms.append(self.pair_mean(fc) - 2 * cross + self.real_term[int(c)])
         return torch.stack(terms).mean()
 
