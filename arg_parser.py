@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "step draws its batch as pairs (one class each when conditional) and adds LAMBDA / "
                         "(|G(z1) - G(z2)| / |z1 - z2|), against one sequence per class (an odd batch leaves one sample "
                         "out of that step); 0: off (the paper)")
+    p.add_argument("--mode-seeking-on", choices=["all", "voltage"], default="all",
+                   help="what --mode-seeking compares two samples on: all: V, I and T (Mao et al.); voltage: the "
+                        "voltage only, so that the cheap ways to differ (a current offset, a temperature wobble) "
+                        "earn nothing and the samples spread in voltage, i.e. in SOC")
     p.add_argument("--level-mmd", type=_non_negative_float, default=0.0,
                    help="weight of a level-matching term in the generator's loss: the squared MMD, per class, between "
                         "the generated and the real windows' levels (mean V, I and T; the resistance the voltage "

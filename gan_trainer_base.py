@@ -329,7 +329,8 @@ class BatchSampler:
 
 @dataclass
 class WGANGPSettings:
-    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd)."""
+    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd,
+    --mode-seeking-on)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
@@ -337,11 +338,12 @@ class WGANGPSettings:
     precision: str = "fp32"
     mode_seeking: float = 0.0
     level_mmd: float = 0.0
+    mode_seeking_on: str = "all"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
-                   args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd)
+                   args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on)
 
 
 class WGANGP:
@@ -435,8 +437,9 @@ class WGANGP:
             fake = self.G(z)
             score = self.D(self.conditioned(fake, classes)).float().mean()
         loss = -score
-        if lam:
-            loss = loss + lam * mode_seeking_term(z[..., :unwrap(self.G).input_dim], fake.float())
+        if lam:   # --mode-seeking-on voltage: only a different voltage (SOC) level counts as a different sample
+            seen = fake.float() if self.settings.mode_seeking_on == "all" else fake.float()[..., :1]
+            loss = loss + lam * mode_seeking_term(z[..., :unwrap(self.G).input_dim], seen)
         if self.level_matching is not None:
             loss = loss + self.settings.level_mmd * self.level_matching(fake, classes)
         loss.backward()

@@ -227,6 +227,28 @@ def test_mode_seeking_pairs_share_a_class_and_push_the_generator():
     assert z0.shape[0] == 6 and not torch.equal(z0[:3, :, 8:], z0[3:, :, 8:])   # classes drawn per sample
 
 
+@pytest.mark.parametrize("on", ["all", "voltage"])
+def test_mode_seeking_on_voltage_pushes_only_the_voltage(on):
+    """--mode-seeking-on voltage: the term's gradient on the generated sequences is in the voltage channel only (a
+    current offset or a temperature wobble no longer counts as a different sample); all: in every channel."""
+    def grad_on_fake(lam):
+        torch.manual_seed(0)
+        g, d = Generator(8, 3, 20, scale=0.0625, n_classes=3), Discriminator(6, scale=0.0625)
+        seen = []
+
+        def keep_grad(module, inputs, output):
+            output.register_hook(seen.append)
+        g.register_forward_hook(keep_grad)
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), torch.rand(12, 20, 3),
+                     6, 0, WGANGPSettings(mode_seeking=lam, mode_seeking_on=on), classes=torch.tensor([0, 1, 2] * 4))
+        gan.generator_step()
+        return seen[0]
+    term = grad_on_fake(1.0) - grad_on_fake(1e-9)   # the same pairs and noise: the term's share of the gradient
+    per_channel = term.abs().sum((0, 1))
+    assert per_channel[0] > 0
+    assert (per_channel[1:] == 0).all() if on == "voltage" else (per_channel[1:] > 0).all()
+
+
 def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs():
     """--level-mmd's term on the shipped real windows (first 40 steps): half of them as the reference, the other
     half as the 'generated' windows, as they are and changed in their levels, resistance or voltage noise."""
@@ -266,14 +288,15 @@ def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
 
 def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ("--mode-seeking", "0.3", "--critic-residual", "10", "--level-mmd", "10")
+    flags = ("--mode-seeking", "0.3", "--mode-seeking-on", "voltage", "--critic-residual", "10", "--level-mmd", "10")
     assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
     assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
     assert read_losses(half) == read_losses(run)
     saved = json.loads((run / "config.json").read_text())["args"]
-    assert (saved["mode_seeking"], saved["critic_residual"], saved["level_mmd"]) == (0.3, 10.0, 10.0)
+    assert (saved["mode_seeking"], saved["mode_seeking_on"], saved["critic_residual"], saved["level_mmd"]) == \
+        (0.3, "voltage", 10.0, 10.0)
     critic = torch.load(run / "checkpoint.pt", weights_only=True)["discriminator"]
     assert critic["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, three classes, the residual
 
