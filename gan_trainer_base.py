@@ -249,15 +249,18 @@ def window_levels(x: torch.Tensor) -> torch.Tensor:
 
 class LevelMatching:
     """--level-mmd: squared MMD, per class, between the generated windows' levels (window_levels) and those of the
-    real windows of the class, with a sum of Gaussian kernels (0.25 to 2 times the real windows' median distance)
-    on levels standardised by the real windows' spread. Unlike the mode-seeking term, which rewards
-    any difference between two samples, it asks for the real spread of levels: no more, no less."""
+    real windows of the class, on levels standardised by the real windows' spread, with a sum of Gaussian kernels
+    (0.25 to 2 times the real windows' median distance) or, --level-kernel energy, the distance kernel -|x - y|
+    (the energy distance): the Gaussians' pull on a window several spreads off vanishes, the distance's does not.
+    Unlike the mode-seeking term, which rewards any difference between two samples, it asks for the real spread of
+    levels: no more, no less."""
 
     BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)
     GROUPS = (slice(0, 3), slice(3, 5))   # window_levels' columns: the mean levels, the resistance and residual
     MAX_REAL = 4096   # real windows kept (a fixed random subset beyond): the real-real term is quadratic in them
 
-    def __init__(self, real: torch.Tensor, classes: torch.Tensor | None):
+    def __init__(self, real: torch.Tensor, classes: torch.Tensor | None, kernel: str = "gaussian"):
+        self.energy = kernel == "energy"
         keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:self.MAX_REAL].to(real.device)
         levels = window_levels(real[keep])
         self.mean, self.std = levels.mean(0), levels.std(0).clamp_min(1e-8)
@@ -280,6 +283,10 @@ class LevelMatching:
         """A sum of one kernel on the mean levels and one on the physics: a window far off in one does not hide
         how near it is in the other."""
         out = 0
+        if self.energy:   # the 1e-6: a window's zero distance to itself would give the root an infinite gradient
+            for g in self.GROUPS:
+                out = out - torch.sqrt((a[:, None, g] - b[None, :, g]).pow(2).sum(-1) + 1e-6) / len(self.GROUPS)
+            return out
         for g, sigma2 in zip(self.GROUPS, self.sigma2):
             d2 = torch.cdist(a[:, g], b[:, g]).pow(2).unsqueeze(-1)
             out = out + torch.exp(-d2 / (2 * sigma2)).mean(-1) / len(self.GROUPS)
@@ -330,7 +337,7 @@ class BatchSampler:
 @dataclass
 class WGANGPSettings:
     """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd,
-    --mode-seeking-on)."""
+    --mode-seeking-on, --level-kernel)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
@@ -339,11 +346,13 @@ class WGANGPSettings:
     mode_seeking: float = 0.0
     level_mmd: float = 0.0
     mode_seeking_on: str = "all"
+    level_kernel: str = "gaussian"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
-                   args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on)
+                   args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on,
+                   args.level_kernel)
 
 
 class WGANGP:
@@ -370,7 +379,7 @@ class WGANGP:
         # asked for to save memory, so the cap's page faults (~20 % of the step) are paid there only
         chunked = 0 < settings.critic_chunk < batch_size and self.device.type == "cpu"
         self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
-        self.level_matching = LevelMatching(real, self.classes) if settings.level_mmd else None
+        self.level_matching = LevelMatching(real, self.classes, settings.level_kernel) if settings.level_mmd else None
 
     def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),

@@ -273,6 +273,29 @@ def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs():
     assert term(held.mean(0, keepdim=True).expand_as(held), held_c).item() > 0.3   # one level for every window
 
 
+def test_level_matching_energy_kernel_pulls_windows_from_afar():
+    """--level-kernel energy: near zero for real levels, larger when they differ, and a pull on windows whose current
+    is far off (+24 A, 11 spreads of the real windows' mean current), where the Gaussian kernels' has all but
+    vanished."""
+    classes, _ = lg_dataset.window_classes(lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy"))
+    x = torch.from_numpy(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[:, :40, :3].copy())
+    c = torch.as_tensor(classes)
+    held, held_c = x[1::2], c[1::2]
+    energy, gaussian = LevelMatching(x[::2], c[::2], "energy"), LevelMatching(x[::2], c[::2])
+    assert abs(energy(held, held_c).item()) < 0.02
+    shifted = held.clone()
+    shifted[..., 1] += 0.1   # every window's current 2.4 A higher
+    assert energy(shifted, held_c).item() > 0.1
+    pulls = []
+    for term in (energy, gaussian):
+        far = held.clone()
+        far[..., 1] += 1.0
+        far.requires_grad_(True)
+        term(far, held_c).backward()
+        pulls.append(far.grad[..., 1].sum().item())   # the term falls as the current comes down: a positive pull
+    assert pulls[0] > 1 and abs(pulls[1]) < 0.02 * pulls[0]
+
+
 def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
     def grads(weight):
         torch.manual_seed(0)
@@ -288,15 +311,16 @@ def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
 
 def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ("--mode-seeking", "0.3", "--mode-seeking-on", "voltage", "--critic-residual", "10", "--level-mmd", "10")
+    flags = ("--mode-seeking", "0.3", "--mode-seeking-on", "voltage", "--critic-residual", "10", "--level-mmd", "10",
+             "--level-kernel", "energy")
     assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
     assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
     assert main(["-r", half.name, "--results-dir", str(resumed), "-e", "4"]) == 0
     assert read_losses(half) == read_losses(run)
     saved = json.loads((run / "config.json").read_text())["args"]
-    assert (saved["mode_seeking"], saved["mode_seeking_on"], saved["critic_residual"], saved["level_mmd"]) == \
-        (0.3, "voltage", 10.0, 10.0)
+    assert (saved["mode_seeking"], saved["mode_seeking_on"], saved["critic_residual"], saved["level_mmd"],
+            saved["level_kernel"]) == (0.3, "voltage", 10.0, 10.0, "energy")
     critic = torch.load(run / "checkpoint.pt", weights_only=True)["discriminator"]
     assert critic["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, three classes, the residual
 
