@@ -249,12 +249,18 @@ def test_mode_seeking_on_voltage_pushes_only_the_voltage(on):
     assert (per_channel[1:] == 0).all() if on == "voltage" else (per_channel[1:] > 0).all()
 
 
-def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs():
-    """--level-mmd's term on the shipped real windows (first 40 steps): half of them as the reference, the other
-    half as the 'generated' windows, as they are and changed in their levels, resistance or voltage noise."""
+@pytest.fixture(scope="module")
+def shipped_windows() -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped real windows' first 40 steps (V, I, T) and their temperature classes."""
     classes, _ = lg_dataset.window_classes(lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy"))
     x = torch.from_numpy(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[:, :40, :3].copy())
-    c = torch.as_tensor(classes)
+    return x, torch.as_tensor(classes)
+
+
+def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs(shipped_windows):
+    """--level-mmd's term on the shipped real windows (first 40 steps): half of them as the reference, the other
+    half as the 'generated' windows, as they are and changed in their levels, resistance or voltage noise."""
+    x, c = shipped_windows
     term = LevelMatching(x[::2], c[::2])
     held, held_c = x[1::2], c[1::2]
     assert abs(term(held, held_c).item()) < 0.005
@@ -273,13 +279,11 @@ def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs():
     assert term(held.mean(0, keepdim=True).expand_as(held), held_c).item() > 0.3   # one level for every window
 
 
-def test_level_matching_energy_kernel_pulls_windows_from_afar():
+def test_level_matching_energy_kernel_pulls_windows_from_afar(shipped_windows):
     """--level-kernel energy: near zero for real levels, larger when they differ, and a pull on windows whose current
     is far off (+24 A, 11 spreads of the real windows' mean current), where the Gaussian kernels' has all but
     vanished."""
-    classes, _ = lg_dataset.window_classes(lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy"))
-    x = torch.from_numpy(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[:, :40, :3].copy())
-    c = torch.as_tensor(classes)
+    x, c = shipped_windows
     held, held_c = x[1::2], c[1::2]
     energy, gaussian = LevelMatching(x[::2], c[::2], "energy"), LevelMatching(x[::2], c[::2])
     assert abs(energy(held, held_c).item()) < 0.02
