@@ -160,10 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the generated and the real windows' levels (mean V, I and T; the resistance the voltage "
                         "follows the current with and the spread of the voltage that this does not explain): it asks "
                         "for the real spread of levels where --mode-seeking rewards any spread; 0: off (the paper)")
-    p.add_argument("--level-kernel", choices=["gaussian", "energy"], default="gaussian",
+    p.add_argument("--level-kernel", choices=["gaussian", "energy", "hybrid"], default="gaussian",
                    help="the kernel of --level-mmd: gaussian: Gaussian kernels at 0.25-2x the real windows' median "
                         "distance (their pull on a window several spreads off vanishes); energy: the energy distance "
-                        "(kernel -|x - y|), whose pull does not vanish however far off a window is")
+                        "(kernel -|x - y|), whose pull does not vanish however far off a window is; hybrid: the "
+                        "Gaussians on the mean levels, the energy distance (x 0.3) on the others")
+    p.add_argument("--level-steps", action="store_true",
+                   help="--level-mmd also matches each window's V and I step differences (the log of their standard "
+                        "deviation and of their mean absolute value): sparse jumps as in a drive cycle, not a jitter")
     p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
                    help="the critic also reads each sequence's voltage residual about its least-squares line in the "
                         "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "

@@ -238,38 +238,49 @@ def voltage_line(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return slope.squeeze(1), vc - slope * ic
 
 
-def window_levels(x: torch.Tensor) -> torch.Tensor:
+def window_levels(x: torch.Tensor, steps: bool = False) -> torch.Tensor:
     """[B, T, >=3] (V, I, T first) -> [B, 5]: each window's mean V, I and T (where it sits: what the level-dominated
     flat MMD and the SOC labels follow), the resistance its voltage follows its current with, and the log of the
-    spread of what that does not explain (which the SOC estimator reads as SOC moving)."""
+    spread of what that does not explain (which the SOC estimator reads as SOC moving). steps: [B, 9], with the log
+    standard deviation and the log mean absolute value of the V and I step differences: a drive cycle's current
+    changes in sparse jumps (large deviation, small mean), a jitter has both alike."""
     x = x[..., :3].float()
     slope, residual = voltage_line(x)
-    return torch.cat([x.mean(1), slope[:, None], torch.log(residual.std(1) + 1e-4)[:, None]], dim=1)
+    levels = [x.mean(1), slope[:, None], torch.log(residual.std(1) + 1e-4)[:, None]]
+    if steps:
+        d = x[:, 1:, :2] - x[:, :-1, :2]
+        levels += [torch.log(d.std(1) + 1e-5), torch.log(d.abs().mean(1) + 1e-5)]
+    return torch.cat(levels, dim=1)
 
 
 class LevelMatching:
     """--level-mmd: squared MMD, per class, between the generated windows' levels (window_levels) and those of the
-    real windows of the class, on levels standardised by the real windows' spread, with a sum of Gaussian kernels
-    (0.25 to 2 times the real windows' median distance) or, --level-kernel energy, the distance kernel -|x - y|
-    (the energy distance): the Gaussians' pull on a window several spreads off vanishes, the distance's does not.
-    Unlike the mode-seeking term, which rewards any difference between two samples, it asks for the real spread of
-    levels: no more, no less."""
+    real windows of the class, on levels standardised by the real windows' spread, one kernel per group of levels
+    (the mean levels; the resistance and residual; with --level-steps, the step differences): Gaussian kernels
+    (0.25 to 2 times the real windows' median distance), or, --level-kernel energy, the distance kernel -|x - y|
+    (the energy distance): the Gaussians' pull on a window several spreads off vanishes, the distance's does not;
+    hybrid: Gaussians on the mean levels (which they spread as the real ones) and the distance, times
+    HYBRID_ENERGY, on the others (which it pulls in from far off). Unlike the mode-seeking term, which rewards any
+    difference between two samples, it asks for the real spread of levels: no more, no less."""
 
     BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)
-    GROUPS = (slice(0, 3), slice(3, 5))   # window_levels' columns: the mean levels, the resistance and residual
+    GROUPS = (slice(0, 3), slice(3, 5), slice(5, 9))   # window_levels' columns: mean levels, physics, steps
+    HYBRID_ENERGY = 0.3   # the distance's weight beside the Gaussians (whose kernel values lie within 0..1)
     MAX_REAL = 4096   # real windows kept (a fixed random subset beyond): the real-real term is quadratic in them
 
-    def __init__(self, real: torch.Tensor, classes: torch.Tensor | None, kernel: str = "gaussian"):
-        self.energy = kernel == "energy"
+    def __init__(self, real: torch.Tensor, classes: torch.Tensor | None, kernel: str = "gaussian",
+                 steps: bool = False):
+        self.kernel_name, self.steps = kernel, steps
+        self.groups = self.GROUPS if steps else self.GROUPS[:2]
         keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:self.MAX_REAL].to(real.device)
-        levels = window_levels(real[keep])
+        levels = window_levels(real[keep], steps)
         self.mean, self.std = levels.mean(0), levels.std(0).clamp_min(1e-8)
         levels = (levels - self.mean) / self.std
         kept_classes = classes[keep] if classes is not None else torch.zeros_like(keep)
         sample = levels[:1024]   # already in random order
         scales = torch.tensor(self.BANDWIDTHS, device=real.device) ** 2
         self.sigma2 = [torch.cdist(sample[:, g], sample[:, g]).pow(2).flatten().median() * scales
-                       for g in self.GROUPS]
+                       for g in self.groups]
         self.real = {int(c): levels[kept_classes == c] for c in kept_classes.unique()}   # each class's real levels
         # the real-real term is a constant of the data: once, so that the term reads as the MMD itself
         self.real_term = {c: self.pair_mean(x) for c, x in self.real.items()}
@@ -280,21 +291,21 @@ class LevelMatching:
         return (k.sum() - k.diagonal().sum()) / max(1, n * (n - 1))
 
     def kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """A sum of one kernel on the mean levels and one on the physics: a window far off in one does not hide
-        how near it is in the other."""
+        """A sum of one kernel per group: a window far off in one group does not hide how near it is in another."""
         out = 0
-        if self.energy:   # the 1e-6: a window's zero distance to itself would give the root an infinite gradient
-            for g in self.GROUPS:
-                out = out - torch.sqrt((a[:, None, g] - b[None, :, g]).pow(2).sum(-1) + 1e-6) / len(self.GROUPS)
-            return out
-        for g, sigma2 in zip(self.GROUPS, self.sigma2):
-            d2 = torch.cdist(a[:, g], b[:, g]).pow(2).unsqueeze(-1)
-            out = out + torch.exp(-d2 / (2 * sigma2)).mean(-1) / len(self.GROUPS)
+        for n, (g, sigma2) in enumerate(zip(self.groups, self.sigma2)):
+            if self.kernel_name == "gaussian" or (self.kernel_name == "hybrid" and n == 0):
+                d2 = torch.cdist(a[:, g], b[:, g]).pow(2).unsqueeze(-1)
+                out = out + torch.exp(-d2 / (2 * sigma2)).mean(-1) / len(self.groups)
+            else:   # the 1e-6: a window's zero distance to itself would give the root an infinite gradient
+                weight = self.HYBRID_ENERGY if self.kernel_name == "hybrid" else 1.0
+                distance = torch.sqrt((a[:, None, g] - b[None, :, g]).pow(2).sum(-1) + 1e-6)
+                out = out - weight * distance / len(self.groups)
         return out
 
     def __call__(self, fake: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """fake [B, T, >=3] -> the mean over the batch's classes of each class's squared MMD (unbiased in fake)."""
-        f = (window_levels(fake) - self.mean) / self.std
+        f = (window_levels(fake, self.steps) - self.mean) / self.std
         classes = torch.zeros(len(f), dtype=torch.long, device=f.device) if classes is None else classes
         terms = []
         for c in classes.unique():
@@ -337,7 +348,7 @@ class BatchSampler:
 @dataclass
 class WGANGPSettings:
     """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd,
-    --mode-seeking-on, --level-kernel)."""
+    --mode-seeking-on, --level-kernel, --level-steps)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
@@ -347,12 +358,13 @@ class WGANGPSettings:
     level_mmd: float = 0.0
     mode_seeking_on: str = "all"
     level_kernel: str = "gaussian"
+    level_steps: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
                    args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on,
-                   args.level_kernel)
+                   args.level_kernel, args.level_steps)
 
 
 class WGANGP:
@@ -379,7 +391,8 @@ class WGANGP:
         # asked for to save memory, so the cap's page faults (~20 % of the step) are paid there only
         chunked = 0 < settings.critic_chunk < batch_size and self.device.type == "cpu"
         self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
-        self.level_matching = LevelMatching(real, self.classes, settings.level_kernel) if settings.level_mmd else None
+        self.level_matching = LevelMatching(real, self.classes, settings.level_kernel,
+                                            settings.level_steps) if settings.level_mmd else None
 
     def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),

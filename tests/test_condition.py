@@ -300,6 +300,49 @@ def test_level_matching_energy_kernel_pulls_windows_from_afar(shipped_windows):
     assert pulls[0] > 1 and abs(pulls[1]) < 0.02 * pulls[0]
 
 
+def test_level_matching_hybrid_kernel_spreads_levels_as_gaussians_and_pulls_noise_from_afar(shipped_windows):
+    """--level-kernel hybrid: on the mean levels the Gaussians' (vanishing) pull, on the residual the distance's:
+    with 435 mV of voltage noise the term still falls as the noise shrinks, where the Gaussians' has turned."""
+    x, c = shipped_windows
+    held, held_c = x[1::2], c[1::2]
+    hybrid, gaussian = LevelMatching(x[::2], c[::2], "hybrid"), LevelMatching(x[::2], c[::2])
+    assert abs(hybrid(held, held_c).item()) < 0.005
+    noise = torch.randn(held.shape[:2], generator=torch.Generator().manual_seed(2))
+    slopes, pulls = [], []
+    for term in (hybrid, gaussian):
+        amplitude = torch.tensor(0.3, requires_grad=True)
+        noisy = held.clone()
+        noisy[..., 0] = noisy[..., 0] + amplitude * noise
+        term(noisy, held_c).backward()
+        slopes.append(amplitude.grad.item())
+        far = held.clone()
+        far[..., 1] += 1.0   # +24 A
+        far.requires_grad_(True)
+        term(far, held_c).backward()
+        pulls.append(far.grad[..., 1].sum().item())
+    assert slopes[0] > 0.5 and slopes[1] < 0.1
+    assert pulls[0] == pytest.approx(pulls[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "energy", "hybrid"])
+def test_level_steps_tell_a_jitter_from_the_real_jumps(shipped_windows, kernel):
+    """--level-steps: a 0.12 A jitter on the current that the voltage follows with each window's own resistance
+    leaves the mean levels, resistance and residual as they were (invisible without the flag); with it, the V and I
+    step differences give it away. Real windows stay near zero."""
+    x, c = shipped_windows
+    held, held_c = x[1::2], c[1::2]
+    plain, steps = LevelMatching(x[::2], c[::2], kernel), LevelMatching(x[::2], c[::2], kernel, steps=True)
+    assert abs(steps(held, held_c).item()) < 0.01
+    jitter = 0.005 * torch.randn(held.shape[:2], generator=torch.Generator().manual_seed(1))
+    jitter -= jitter.mean(1, keepdim=True)
+    slope, _ = voltage_line(held)
+    jittery = held.clone()
+    jittery[..., 1] += jitter
+    jittery[..., 0] += slope[:, None] * jitter
+    assert abs(plain(jittery, held_c).item()) < 0.01
+    assert steps(jittery, held_c).item() > 0.05
+
+
 def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
     def grads(weight):
         torch.manual_seed(0)
@@ -316,7 +359,7 @@ def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
 def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ("--mode-seeking", "0.3", "--mode-seeking-on", "voltage", "--critic-residual", "10", "--level-mmd", "10",
-             "--level-kernel", "energy")
+             "--level-kernel", "energy", "--level-steps")
     assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
     assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
@@ -324,7 +367,7 @@ def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(con
     assert read_losses(half) == read_losses(run)
     saved = json.loads((run / "config.json").read_text())["args"]
     assert (saved["mode_seeking"], saved["mode_seeking_on"], saved["critic_residual"], saved["level_mmd"],
-            saved["level_kernel"]) == (0.3, "voltage", 10.0, 10.0, "energy")
+            saved["level_kernel"], saved["level_steps"]) == (0.3, "voltage", 10.0, 10.0, "energy", True)
     critic = torch.load(run / "checkpoint.pt", weights_only=True)["discriminator"]
     assert critic["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, three classes, the residual
 
