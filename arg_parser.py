@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Gaussians on the mean levels, the energy distance (x 0.3) on the others")
     p.add_argument("--level-steps", action="store_true",
                    help="--level-mmd also matches each window's V and I step differences (the log of their standard "
-                        "deviation and of their mean absolute value): sparse jumps as in a drive cycle, not a jitter")
+                        "deviation and its ratio to their mean absolute value): sparse jumps as in a drive cycle, not "
+                        "a jitter")
     p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
                    help="the critic also reads each sequence's voltage residual about its least-squares line in the "
                         "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
