@@ -38,6 +38,7 @@ ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm"
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
+STEP_SEGMENT = 100       # --level-steps: steps per segment (10 s at 10 Hz) of a window's step statistics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,15 +243,19 @@ def window_levels(x: torch.Tensor, steps: bool = False) -> torch.Tensor:
     """[B, T, >=3] (V, I, T first) -> [B, 5]: each window's mean V, I and T (where it sits: what the level-dominated
     flat MMD and the SOC labels follow), the resistance its voltage follows its current with, and the log of the
     spread of what that does not explain (which the SOC estimator reads as SOC moving). steps: [B, 9], with the log
-    standard deviation of the V and I step differences and its ratio to their mean absolute value: a drive cycle's
-    current changes in sparse jumps (ratio 3.7, within 1.2x in nearly every window), a jitter's ratio is 1.3."""
+    standard deviation of the V and I step differences and its ratio to their mean absolute value, each averaged
+    over the window's 10 s segments: a drive cycle's current changes in sparse jumps (ratio 3.7, within 1.2x in
+    nearly every window), a jitter's ratio is 1.3; per segment, so that a burst at the start of a generated window
+    (a generator's start-up transient) cannot stand in for the jumps everywhere else."""
     x = x[..., :3].float()
     slope, residual = voltage_line(x)
     levels = [x.mean(1), slope[:, None], torch.log(residual.std(1) + 1e-4)[:, None]]
     if steps:
         d = x[:, 1:, :2] - x[:, :-1, :2]
-        spread = torch.log(d.std(1) + 1e-5)
-        levels += [spread, spread - torch.log(d.abs().mean(1) + 1e-5)]
+        n = max(1, d.shape[1] // STEP_SEGMENT)
+        d = d[:, :d.shape[1] // n * n].reshape(len(d), n, -1, 2)
+        spread = torch.log(d.std(2) + 1e-5)
+        levels += [spread.mean(1), (spread - torch.log(d.abs().mean(2) + 1e-5)).mean(1)]
     return torch.cat(levels, dim=1)
 
 
