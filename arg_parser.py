@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--level-mmd also matches each window's V and I step differences (the log of their standard "
                         "deviation and its ratio to their mean absolute value): sparse jumps as in a drive cycle, not "
                         "a jitter")
+    p.add_argument("--generator-ema", type=_unit_interval, default=0.0,
+                   help="keep a running average of the generator's weights, ema = BETA * ema + (1 - BETA) * weights "
+                        "after each generator step (one per epoch), and save and evaluate it in the snapshots "
+                        "(<epoch>_epoch/generator.pth; the checkpoint keeps both): a GAN's levels swing from one "
+                        "snapshot to the next, their average does not; e.g. 0.98; 0: off (the paper)")
     p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
                    help="the critic also reads each sequence's voltage residual about its least-squares line in the "
                         "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "

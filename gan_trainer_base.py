@@ -3,6 +3,7 @@ penalty, built from tensors and WGANGPSettings, no files) and GANTrainerBase (de
 resume, the run folder through RunDir, the epoch snapshot and the loop). A subclass supplies the networks and
 their optimizers."""
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -354,7 +355,7 @@ class BatchSampler:
 @dataclass
 class WGANGPSettings:
     """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd,
-    --mode-seeking-on, --level-kernel, --level-steps)."""
+    --mode-seeking-on, --level-kernel, --level-steps, --generator-ema)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
@@ -365,12 +366,13 @@ class WGANGPSettings:
     mode_seeking_on: str = "all"
     level_kernel: str = "gaussian"
     level_steps: bool = False
+    generator_ema: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
                    args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on,
-                   args.level_kernel, args.level_steps)
+                   args.level_kernel, args.level_steps, args.generator_ema)
 
 
 class WGANGP:
@@ -399,6 +401,8 @@ class WGANGP:
         self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
         self.level_matching = LevelMatching(real, self.classes, settings.level_kernel,
                                             settings.level_steps) if settings.level_mmd else None
+        # --generator-ema: a running average of the generator's weights, the one that is sampled and evaluated
+        self.G_ema = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False) if settings.generator_ema else None
 
     def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),
@@ -474,8 +478,25 @@ class WGANGP:
         if self.world > 1:
             average_gradients(self.G, self.world)
         self.g_optim.step()
+        if self.G_ema is not None:
+            self.update_ema()
         self.D.requires_grad_(True)
         return -score.detach()   # reported with the original's sign: lower is better for the generator
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = beta * ema + (1 - beta) * weights after each generator step; BatchNorm's running statistics, which
+        are averages already, are the generator's own."""
+        beta, g = self.settings.generator_ema, unwrap(self.G)
+        for ema, weight in zip(self.G_ema.parameters(), g.parameters()):
+            ema.lerp_(weight, 1 - beta)
+        for ema, buffer in zip(self.G_ema.buffers(), g.buffers()):
+            ema.copy_(buffer)
+
+    @property
+    def sampled_generator(self) -> nn.Module:
+        """The generator that snapshots save and evaluate: the running average with --generator-ema."""
+        return unwrap(self.G) if self.G_ema is None else self.G_ema
 
     def train_epoch(self) -> dict[str, float]:
         self.G.train()
@@ -489,14 +510,19 @@ class WGANGP:
 
     def state_dict(self) -> dict:
         """Networks without DataParallel's 'module.' prefix, so a checkpoint does not depend on GPU count."""
-        return {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict(),
-                "g_optim": self.g_optim.state_dict(), "d_optim": self.d_optim.state_dict()}
+        state = {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict(),
+                 "g_optim": self.g_optim.state_dict(), "d_optim": self.d_optim.state_dict()}
+        if self.G_ema is not None:
+            state["generator_ema"] = self.G_ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.G).load_state_dict(state["generator"])
         unwrap(self.D).load_state_dict(state["discriminator"])
         load_moments(self.g_optim, state["g_optim"])
         load_moments(self.d_optim, state["d_optim"])
+        if self.G_ema is not None:   # a run that turns --generator-ema on at resume starts its average there
+            self.G_ema.load_state_dict(state.get("generator_ema", state["generator"]))
 
 
 def load_moments(optim: torch.optim.Optimizer, state: dict) -> None:
@@ -692,7 +718,7 @@ class GANTrainerBase(ABC):
     def snapshot(self, epoch: int) -> None:
         """<epoch>_epoch/: the networks and the evaluation's arrays and metrics.json, complete or absent."""
         def fill(folder: Path) -> None:
-            torch.save(unwrap(self.G).state_dict(), folder / "generator.pth")
+            torch.save(self.gan.sampled_generator.state_dict(), folder / "generator.pth")
             torch.save(unwrap(self.D).state_dict(), folder / "discriminator.pth")
             arrays, quality = evaluation(self, epoch, self.args.evaluate_sample_size)
             for name, array in arrays.items():
@@ -802,12 +828,14 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     eval_seed = (t.seed * 1_000_003 + epoch) % 2 ** 63
     idx = np.random.default_rng(eval_seed).integers(len(t.real_data), size=n)   # with replacement, as the original
     classes = None if t.classes is None else t.classes.numpy()[idx]   # conditional: the real sample's classes
-    t.G.eval()
+    generator = t.gan.sampled_generator
+    training = generator.training
+    generator.eval()
     try:
-        fake, _ = labelled_sequences(unwrap(t.G), t.soc, n, eval_seed, a.soc_estimator_step, a.batch_size, t.device,
+        fake, _ = labelled_sequences(generator, t.soc, n, eval_seed, a.soc_estimator_step, a.batch_size, t.device,
                                      classes=classes)
     finally:
-        t.G.train()
+        generator.train(training)
 
     def real(rows: np.ndarray, segment: str = "aligned") -> np.ndarray:
         return real_steps(t.real_data[rows], t.seq_len, a.soc_estimator_step, segment)

@@ -356,10 +356,39 @@ def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(plain, weighted))
 
 
+def test_generator_ema_is_the_running_average_of_the_generator_steps():
+    """--generator-ema 0.5 over three generator steps: ema = 0.5^3 w0 + 0.5^3 w1 + 0.5^2 w2 + 0.5 w3; the networks
+    trained are those of a run without it; a checkpoint without an average (the flag turned on at resume) starts
+    it from the generator."""
+    def run(beta):
+        torch.manual_seed(0)
+        g, d = Generator(8, 3, 20, scale=0.0625, n_classes=3), Discriminator(6, scale=0.0625)
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters(), lr=0.01), torch.optim.Adam(d.parameters()),
+                     torch.rand(12, 20, 3), 6, 0, WGANGPSettings(generator_ema=beta), classes=torch.tensor([0, 1, 2] * 4))
+        weights = [[p.detach().clone() for p in g.parameters()]]
+        for _ in range(3):
+            gan.generator_step()
+            weights.append([p.detach().clone() for p in g.parameters()])
+        return gan, weights
+    gan, w = run(0.5)
+    plain, w_plain = run(0.0)
+    assert plain.G_ema is None and all(torch.equal(a, b) for a, b in zip(w[-1], w_plain[-1]))
+    for k, ema in enumerate(gan.G_ema.parameters()):
+        expected = 0.125 * w[0][k] + 0.125 * w[1][k] + 0.25 * w[2][k] + 0.5 * w[3][k]
+        torch.testing.assert_close(ema, expected)
+    assert not torch.equal(next(gan.G_ema.parameters()), next(gan.G.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(gan.G_ema.buffers(), gan.G.buffers()))
+    assert gan.sampled_generator is gan.G_ema and plain.sampled_generator is plain.G
+    state = plain.state_dict()
+    assert "generator_ema" not in state
+    gan.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(gan.G_ema.parameters(), plain.G.parameters()))
+
+
 def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ("--mode-seeking", "0.3", "--mode-seeking-on", "voltage", "--critic-residual", "10", "--level-mmd", "10",
-             "--level-kernel", "energy", "--level-steps")
+             "--level-kernel", "energy", "--level-steps", "--generator-ema", "0.9")
     assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
     assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
@@ -368,8 +397,13 @@ def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(con
     saved = json.loads((run / "config.json").read_text())["args"]
     assert (saved["mode_seeking"], saved["mode_seeking_on"], saved["critic_residual"], saved["level_mmd"],
             saved["level_kernel"], saved["level_steps"]) == (0.3, "voltage", 10.0, 10.0, "energy", True)
-    critic = torch.load(run / "checkpoint.pt", weights_only=True)["discriminator"]
-    assert critic["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, three classes, the residual
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["discriminator"]["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, 3 classes, residual
+    snapshot = torch.load(run / "4_epoch" / "generator.pth", weights_only=True)   # the average, as resumed
+    assert all(torch.equal(snapshot[k], v) for k, v in checkpoint["generator_ema"].items())
+    assert not torch.equal(snapshot["lstm_1.weight_ih_l0"], checkpoint["generator"]["lstm_1.weight_ih_l0"])
+    resumed_snapshot = torch.load(half / "4_epoch" / "generator.pth", weights_only=True)
+    assert all(torch.equal(snapshot[k], v) for k, v in resumed_snapshot.items())
 
 
 def test_mode_seeking_needs_pairs(cond_data, soc_model, tmp_path, capsys):
