@@ -279,6 +279,16 @@ def test_level_matching_is_near_zero_for_real_levels_and_sees_what_differs(shipp
     assert term(held.mean(0, keepdim=True).expand_as(held), held_c).item() > 0.3   # one level for every window
 
 
+def current_pull(term: LevelMatching, held: torch.Tensor, classes: torch.Tensor) -> float:
+    """The term's gradient on the current of windows whose current is 24 A higher (11 spreads of the real windows'
+    mean current): positive when the term falls as the current comes down."""
+    far = held.clone()
+    far[..., 1] += 1.0
+    far.requires_grad_(True)
+    term(far, classes).backward()
+    return far.grad[..., 1].sum().item()
+
+
 def test_level_matching_energy_kernel_pulls_windows_from_afar(shipped_windows):
     """--level-kernel energy: near zero for real levels, larger when they differ, and a pull on windows whose current
     is far off (+24 A, 11 spreads of the real windows' mean current), where the Gaussian kernels' has all but
@@ -290,13 +300,7 @@ def test_level_matching_energy_kernel_pulls_windows_from_afar(shipped_windows):
     shifted = held.clone()
     shifted[..., 1] += 0.1   # every window's current 2.4 A higher
     assert energy(shifted, held_c).item() > 0.1
-    pulls = []
-    for term in (energy, gaussian):
-        far = held.clone()
-        far[..., 1] += 1.0
-        far.requires_grad_(True)
-        term(far, held_c).backward()
-        pulls.append(far.grad[..., 1].sum().item())   # the term falls as the current comes down: a positive pull
+    pulls = [current_pull(term, held, held_c) for term in (energy, gaussian)]
     assert pulls[0] > 1 and abs(pulls[1]) < 0.02 * pulls[0]
 
 
@@ -315,11 +319,7 @@ def test_level_matching_hybrid_kernel_spreads_levels_as_gaussians_and_pulls_nois
         noisy[..., 0] = noisy[..., 0] + amplitude * noise
         term(noisy, held_c).backward()
         slopes.append(amplitude.grad.item())
-        far = held.clone()
-        far[..., 1] += 1.0   # +24 A
-        far.requires_grad_(True)
-        term(far, held_c).backward()
-        pulls.append(far.grad[..., 1].sum().item())
+        pulls.append(current_pull(term, held, held_c))
     assert slopes[0] > 0.5 and slopes[1] < 0.1
     assert pulls[0] == pytest.approx(pulls[1], rel=1e-4)
 
