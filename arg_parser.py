@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--level-mmd also matches each window's V and I step differences (the log of their standard "
                         "deviation and its ratio to their mean absolute value): sparse jumps as in a drive cycle, not "
                         "a jitter")
+    p.add_argument("--level-temperature", action="store_true",
+                   help="--level-mmd also matches each class's window mean temperatures on the class's own scale "
+                        "(its real spread, 0.4-0.7 degC against 9.9 degC over all classes) by the energy distance: "
+                        "on the common scale a class 2-4 degC off is hardly pulled back")
     p.add_argument("--generator-ema", type=_unit_interval, default=0.0,
                    help="keep a running average of the generator's weights, ema = BETA * ema + (1 - BETA) * weights "
                         "after each generator step (one per epoch), and save and evaluate it in the snapshots "

@@ -268,7 +268,10 @@ class LevelMatching:
     (the energy distance): the Gaussians' pull on a window several spreads off vanishes, the distance's does not;
     hybrid: Gaussians on the mean levels (which they spread as the real ones) and the distance, times
     HYBRID_ENERGY, on the others (which it pulls in from far off). Unlike the mode-seeking term, which rewards any
-    difference between two samples, it asks for the real spread of levels: no more, no less."""
+    difference between two samples, it asks for the real spread of levels: no more, no less. temperature: also
+    each class's mean temperatures on that class's own scale (standardised by its real windows' spread, a few
+    hundredths of the spread over all classes), by the energy distance times HYBRID_ENERGY: on the common scale a class
+    drifting 2-4 degC off lies within every Gaussian's bandwidth and is hardly pulled back."""
 
     BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)
     GROUPS = (slice(0, 3), slice(3, 5), slice(5, 9))   # window_levels' columns: mean levels, physics, steps
@@ -276,14 +279,20 @@ class LevelMatching:
     MAX_REAL = 4096   # real windows kept (a fixed random subset beyond): the real-real term is quadratic in them
 
     def __init__(self, real: torch.Tensor, classes: torch.Tensor | None, kernel: str = "gaussian",
-                 steps: bool = False):
-        self.kernel_name, self.steps = kernel, steps
+                 steps: bool = False, temperature: bool = False):
+        self.kernel_name, self.steps, self.temperature = kernel, steps, temperature
         self.groups = self.GROUPS if steps else self.GROUPS[:2]
         keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:self.MAX_REAL].to(real.device)
         levels = window_levels(real[keep], steps)
         self.mean, self.std = levels.mean(0), levels.std(0).clamp_min(1e-8)
-        levels = (levels - self.mean) / self.std
         kept_classes = classes[keep] if classes is not None else torch.zeros_like(keep)
+        if temperature:   # each class's mean and spread of the window mean temperature; a class all at one
+            # temperature gets a hundredth of the overall spread, not a division by zero
+            t = {int(c): levels[kept_classes == c, 2] for c in kept_classes.unique()}
+            self.t_scale = {c: (x.mean(), x.std().nan_to_num(0).clamp_min(self.std[2] / 100)) for c, x in t.items()}
+            self.real_t = {c: (x - self.t_scale[c][0]) / self.t_scale[c][1] for c, x in t.items()}
+            self.real_t_term = {c: self.distance_pair_mean(x) for c, x in self.real_t.items()}
+        levels = (levels - self.mean) / self.std
         sample = levels[:1024]   # already in random order
         scales = torch.tensor(self.BANDWIDTHS, device=real.device) ** 2
         self.sigma2 = [torch.cdist(sample[:, g], sample[:, g]).pow(2).flatten().median() * scales
@@ -296,6 +305,22 @@ class LevelMatching:
         """The kernel's mean over the pairs of distinct rows of x (0 for a single row): the unbiased estimate."""
         k, n = self.kernel(x, x), len(x)
         return (k.sum() - k.diagonal().sum()) / max(1, n * (n - 1))
+
+    @staticmethod
+    def distance_pair_mean(x: torch.Tensor) -> torch.Tensor:
+        """The mean |x - x'| over the pairs of distinct entries of a 1-d x (0 for a single entry)."""
+        d, n = (x[:, None] - x[None, :]).abs(), len(x)
+        return d.sum() / max(1, n * (n - 1))
+
+    def class_temperature(self, t: torch.Tensor, c: int) -> torch.Tensor:
+        """The energy distance between generated mean temperatures t (raw) of class c and the class's real ones,
+        both on the class's scale. The 1e-6 under the root: a zero distance would give an infinite gradient."""
+        mean, std = self.t_scale[c]
+        t = (t - mean) / std
+        d = lambda a, b: torch.sqrt((a[:, None] - b[None, :]).pow(2) + 1e-6)
+        n = len(t)
+        fake_term = (d(t, t).sum() - d(t, t).diagonal().sum()) / max(1, n * (n - 1))
+        return 2 * d(t, self.real_t[c]).mean() - fake_term - self.real_t_term[c]
 
     def kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """A sum of one kernel per group: a window far off in one group does not hide how near it is in another."""
@@ -312,13 +337,17 @@ class LevelMatching:
 
     def __call__(self, fake: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """fake [B, T, >=3] -> the mean over the batch's classes of each class's squared MMD (unbiased in fake)."""
-        f = (window_levels(fake, self.steps) - self.mean) / self.std
+        levels = window_levels(fake, self.steps)
+        f = (levels - self.mean) / self.std
         classes = torch.zeros(len(f), dtype=torch.long, device=f.device) if classes is None else classes
         terms = []
         for c in classes.unique():
             fc = f[classes == c]
             cross = self.kernel(fc, self.real[int(c)]).mean()
             terms.append(self.pair_mean(fc) - 2 * cross + self.real_term[int(c)])
+            if self.temperature:
+                weight = self.HYBRID_ENERGY / len(self.groups)
+                terms[-1] = terms[-1] + weight * self.class_temperature(levels[classes == c, 2], int(c))
         return torch.stack(terms).mean()
 
 
@@ -355,7 +384,7 @@ class BatchSampler:
 @dataclass
 class WGANGPSettings:
     """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd,
-    --mode-seeking-on, --level-kernel, --level-steps, --generator-ema)."""
+    --mode-seeking-on, --level-kernel, --level-steps, --generator-ema, --level-temperature)."""
     lambda_term: float = 10.0
     gp_norm: str = "paper"
     critic_steps: int = 5
@@ -367,12 +396,13 @@ class WGANGPSettings:
     level_kernel: str = "gaussian"
     level_steps: bool = False
     generator_ema: float = 0.0
+    level_temperature: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
         return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
                    args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on,
-                   args.level_kernel, args.level_steps, args.generator_ema)
+                   args.level_kernel, args.level_steps, args.generator_ema, args.level_temperature)
 
 
 class WGANGP:
@@ -399,8 +429,8 @@ class WGANGP:
         # asked for to save memory, so the cap's page faults (~20 % of the step) are paid there only
         chunked = 0 < settings.critic_chunk < batch_size and self.device.type == "cpu"
         self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
-        self.level_matching = LevelMatching(real, self.classes, settings.level_kernel,
-                                            settings.level_steps) if settings.level_mmd else None
+        self.level_matching = LevelMatching(real, self.classes, settings.level_kernel, settings.level_steps,
+                                            settings.level_temperature) if settings.level_mmd else None
         # --generator-ema: a running average of the generator's weights, the one that is sampled and evaluated
         self.G_ema = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False) if settings.generator_ema else None
 

@@ -385,10 +385,33 @@ def test_generator_ema_is_the_running_average_of_the_generator_steps():
     assert all(torch.equal(a, b) for a, b in zip(gan.G_ema.parameters(), plain.G.parameters()))
 
 
+@pytest.mark.parametrize("kernel", ["gaussian", "hybrid"])
+def test_level_temperature_pulls_a_class_that_drifts_a_few_degrees(shipped_windows, kernel):
+    """--level-temperature: the 10 degC windows 1.4 degC too cold (0.05 of the scaled range, about 3 of the class's
+    own spreads) barely move the term on the common scale, and its pull back up is weak; on the class's own scale it
+    is seen and pulled back many times harder. Real windows stay near zero."""
+    x, c = shipped_windows
+    held, held_c = x[1::2], c[1::2]
+    plain, own = LevelMatching(x[::2], c[::2], kernel), LevelMatching(x[::2], c[::2], kernel, temperature=True)
+    assert abs(own(held, held_c).item()) < 0.01
+    cold = held.clone().requires_grad_(True)
+    drift = torch.zeros_like(held)
+    drift[held_c == 1, :, 2] = -0.05
+    terms, pulls = [], []
+    for term in (plain, own):
+        cold.grad = None
+        value = term(cold + drift, held_c)
+        value.backward()
+        terms.append(value.item() - term(held, held_c).item())
+        pulls.append(-cold.grad[held_c == 1, :, 2].sum().item())   # > 0: the term falls as they warm up
+    assert terms[0] < 0.002 and terms[1] > 0.1
+    assert pulls[1] > 50 * abs(pulls[0])
+
+
 def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(cond_data, soc_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ("--mode-seeking", "0.3", "--mode-seeking-on", "voltage", "--critic-residual", "10", "--level-mmd", "10",
-             "--level-kernel", "energy", "--level-steps", "--generator-ema", "0.9")
+             "--level-kernel", "energy", "--level-steps", "--generator-ema", "0.9", "--level-temperature")
     assert main(cond_args(cond_data, soc_model, straight, "-e", "4", "-s", "2", *flags)) == 0
     assert main(cond_args(cond_data, soc_model, resumed, "-e", "2", "-s", "2", *flags)) == 0
     [run], [half] = run_dirs(straight), run_dirs(resumed)
@@ -396,7 +419,8 @@ def test_mode_seeking_level_matching_and_critic_residual_run_resumes_exactly(con
     assert read_losses(half) == read_losses(run)
     saved = json.loads((run / "config.json").read_text())["args"]
     assert (saved["mode_seeking"], saved["mode_seeking_on"], saved["critic_residual"], saved["level_mmd"],
-            saved["level_kernel"], saved["level_steps"]) == (0.3, "voltage", 10.0, 10.0, "energy", True)
+            saved["level_kernel"], saved["level_steps"], saved["level_temperature"]) == (0.3, "voltage", 10.0, 10.0,
+                                                                                         "energy", True, True)
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     assert checkpoint["discriminator"]["lstm_1.weight_ih_l0"].shape[1] == 3 + 3 + 1   # V, I, T, 3 classes, residual
     snapshot = torch.load(run / "4_epoch" / "generator.pth", weights_only=True)   # the average, as resumed
