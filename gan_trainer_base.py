@@ -301,26 +301,35 @@ class LevelMatching:
         # the real-real term is a constant of the data: once, so that the term reads as the MMD itself
         self.real_term = {c: self.pair_mean(x) for c, x in self.real.items()}
 
-    def pair_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel's mean over the pairs of distinct rows of x (0 for a single row): the unbiased estimate."""
-        k, n = self.kernel(x, x), len(x)
-        return (k.sum() - k.diagonal().sum()) / max(1, n * (n - 1))
+    @staticmethod
+    def off_diagonal_mean(m: torch.Tensor) -> torch.Tensor:
+        """The mean of a square matrix of pairs over the pairs of distinct rows (0 for a single row): the unbiased
+        estimate."""
+        n = len(m)
+        return (m.sum() - m.diagonal().sum()) / max(1, n * (n - 1))
 
     @staticmethod
-    def distance_pair_mean(x: torch.Tensor) -> torch.Tensor:
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[n, k], [m, k] -> [n, m] Euclidean distances. The 1e-6 under the root: a window's zero distance to itself
+        would give the root an infinite gradient."""
+        return torch.sqrt((a[:, None] - b[None, :]).pow(2).sum(-1) + 1e-6)
+
+    def pair_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's mean over the pairs of distinct rows of x."""
+        return self.off_diagonal_mean(self.kernel(x, x))
+
+    @classmethod
+    def distance_pair_mean(cls, x: torch.Tensor) -> torch.Tensor:
         """The mean |x - x'| over the pairs of distinct entries of a 1-d x (0 for a single entry)."""
-        d, n = (x[:, None] - x[None, :]).abs(), len(x)
-        return d.sum() / max(1, n * (n - 1))
+        return cls.off_diagonal_mean((x[:, None] - x[None, :]).abs())
 
     def class_temperature(self, t: torch.Tensor, c: int) -> torch.Tensor:
         """The energy distance between generated mean temperatures t (raw) of class c and the class's real ones,
-        both on the class's scale. The 1e-6 under the root: a zero distance would give an infinite gradient."""
+        both on the class's scale."""
         mean, std = self.t_scale[c]
-        t = (t - mean) / std
-        d = lambda a, b: torch.sqrt((a[:, None] - b[None, :]).pow(2) + 1e-6)
-        n = len(t)
-        fake_term = (d(t, t).sum() - d(t, t).diagonal().sum()) / max(1, n * (n - 1))
-        return 2 * d(t, self.real_t[c]).mean() - fake_term - self.real_t_term[c]
+        t = ((t - mean) / std)[:, None]
+        return (2 * self.distance(t, self.real_t[c][:, None]).mean() - self.off_diagonal_mean(self.distance(t, t))
+                - self.real_t_term[c])
 
     def kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """A sum of one kernel per group: a window far off in one group does not hide how near it is in another."""
@@ -329,10 +338,9 @@ class LevelMatching:
             if self.kernel_name == "gaussian" or (self.kernel_name == "hybrid" and n == 0):
                 d2 = torch.cdist(a[:, g], b[:, g]).pow(2).unsqueeze(-1)
                 out = out + torch.exp(-d2 / (2 * sigma2)).mean(-1) / len(self.groups)
-            else:   # the 1e-6: a window's zero distance to itself would give the root an infinite gradient
+            else:
                 weight = self.HYBRID_ENERGY if self.kernel_name == "hybrid" else 1.0
-                distance = torch.sqrt((a[:, None, g] - b[None, :, g]).pow(2).sum(-1) + 1e-6)
-                out = out - weight * distance / len(self.groups)
+                out = out - weight * self.distance(a[:, g], b[:, g]) / len(self.groups)
         return out
 
     def __call__(self, fake: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
