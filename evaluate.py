@@ -7,6 +7,7 @@
 
 Writes into <run>/<N>_epoch/:
     metrics.json            flat {name: number} (merged into an existing file: the trainer's quick metrics)
+    metrics_repeats.json    with --repeats N: each metric at seeds --seed .. --seed+N-1, mean and standard deviation
     metrics_settings.json   seed, sample sizes, training budgets, data files, fixed limits, what each key means
     pca.png, tsne.png       the paper's PCA and t-SNE of the per-step feature means, real vs synthetic
     sequences.png, marginals.png, acf.png   example sequences, value histograms, autocorrelation, physical units
@@ -164,32 +165,52 @@ def by_temperature(real: np.ndarray, real_path: Path, fake: np.ndarray, scaler: 
     return {**values, **{f"{name}/n_fake": float((fake_classes == k).sum()) for k, name in enumerate(names)}}
 
 
-def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,
-                   real_all: np.ndarray, test: np.ndarray | None, device: torch.device) -> dict[str, float]:
-    started = time.time()
+def sample_metrics(args: argparse.Namespace, run_dir: Path, config: dict, epoch_dir: Path, real: np.ndarray,
+                   real_all: np.ndarray, test: np.ndarray | None, device: torch.device,
+                   seed: int) -> tuple[dict[str, float], np.ndarray]:
+    """The metrics of one synthetic sample (drawn with seed under --generate) against the real windows."""
     scaler = run_scaler(config)
     classes = None
     if args.generate:
         if config.get("condition_classes"):   # a conditional run: its training shares, grouped by class
             classes = class_counts(config["condition_shares"], args.generate)
-        fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, args.seed, device, classes=classes)
+        fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, seed, device, classes=classes)
     else:
         fake = load_array(epoch_dir / "fake_data.npy", "synthetic data")
-    length, window = fake.shape[1], config["args"]["soc_estimator_step"]
-    real = real_steps(real_all, config["seq_len"], window, "aligned")
-
     if args.quick:
-        values = metrics.quick_metrics(real, fake, scaler, args.seed)
+        values = metrics.quick_metrics(real, fake, scaler, seed)
     else:
-        values = metrics.all_metrics(real, fake, scaler, args.seed, device, test_windows=test, train_windows=real_all,
+        values = metrics.all_metrics(real, fake, scaler, seed, device, test_windows=test, train_windows=real_all,
                                      epochs=args.epochs, hidden=args.hidden, max_seq=args.n_samples,
                                      tstr_epochs=args.tstr_epochs, tstr_hidden=args.tstr_hidden,
                                      tstr_batch_size=args.tstr_batch_size, tstr_max_windows=args.tstr_max_windows,
                                      tstr_max_test=args.tstr_max_test)
     if classes is not None:
-        values.update(per_class(real, config, args.real_path, fake, classes, scaler, args.seed))
+        values.update(per_class(real, config, args.real_path, fake, classes, scaler, seed))
     elif args.by_temperature:
-        values.update(by_temperature(real, args.real_path, fake, scaler, args.seed))
+        values.update(by_temperature(real, args.real_path, fake, scaler, seed))
+    return values, fake
+
+
+def repeat_metrics(first: dict[str, float], more: list[dict[str, float]], seeds: list[int]) -> dict:
+    """--repeats: every metric's value at each seed, their mean and (n - 1) standard deviation."""
+    values = {k: [first[k], *(m[k] for m in more)] for k in first}
+    return {"seeds": seeds, "mean": {k: float(np.mean(v)) for k, v in values.items()},
+            "sd": {k: float(np.std(v, ddof=1)) for k, v in values.items()}, "values": values}
+
+
+def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch: int, epoch_dir: Path,
+                   real_all: np.ndarray, test: np.ndarray | None, device: torch.device) -> dict[str, float]:
+    started = time.time()
+    scaler = run_scaler(config)
+    window = config["args"]["soc_estimator_step"]
+    real = real_steps(real_all, config["seq_len"], window, "aligned")
+    values, fake = sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, device, args.seed)
+    length = fake.shape[1]
+    # one sample's metrics move with the sample (the flat MMD of one model by up to 2x between seeds): more
+    # samples, each drawn and scored as the first with the next seeds, give the spread
+    seeds = list(range(args.seed, args.seed + args.repeats))
+    more = [sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, device, s)[0] for s in seeds[1:]]
 
     # PCA and t-SNE on equal-sized samples, the real one over the steps --pca-segment names
     rng = np.random.default_rng(args.seed)
@@ -205,8 +226,10 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     plot_acf(metrics.subsample(real, args.n_samples, rng), fake_s, epoch_dir / "acf.png")
 
     atomic_json(epoch_dir / "metrics.json", {**read_json(epoch_dir / "metrics.json"), **values})
+    if more:
+        atomic_json(epoch_dir / "metrics_repeats.json", repeat_metrics(values, more, seeds))
     atomic_json(epoch_dir / "metrics_settings.json", {
-        "epoch": epoch, "seed": args.seed, "device": str(device), "quick": args.quick,
+        "epoch": epoch, "seed": args.seed, "repeats": args.repeats, "device": str(device), "quick": args.quick,
         "fake": f"--generate {args.generate}" if args.generate else str(epoch_dir / "fake_data.npy"),
         "n_fake": len(fake), "n_real": len(real_all), "steps": length,
         "real_steps": [config["seq_len"] - 1 - length, config["seq_len"] - 2],
@@ -336,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="only the cheap metrics (no post-hoc model training)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sample and post-hoc model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--repeats", type=int_at_least(1), default=1, metavar="N",
+                   help="with --generate: score N fresh samples, seeds --seed .. --seed+N-1; metrics.json holds the "
+                        "first, metrics_repeats.json every seed's values, their mean and standard deviation")
     p.add_argument("--generate", type=int_at_least(1), default=None, metavar="N",
                    help="evaluate N freshly generated sequences instead of the epoch's fake_data.npy")
     p.add_argument("--n-samples", type=int_at_least(4), default=1000,
@@ -376,6 +402,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"{run_dir}: --by-temperature is for an unconditional run; this conditional run's "
                             f"metrics are per class already (evaluate it with --generate N)")
         data_classes(args.real_path, len(real_all))   # refused here, before any file is written, without classes
+    if args.repeats > 1 and not args.generate:
+        raise UserError(f"{run_dir}: --repeats {args.repeats} scores fresh samples; add --generate N")
     if args.curve:
         out = plot_curve(run_dir, config, real_all, args.seed, device)
         print(f"wrote {out}")

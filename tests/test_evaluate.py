@@ -78,7 +78,32 @@ def test_generate_fresh_sequences(tiny_run, tmp_path):
     assert settings["n_fake"] == 30 and settings["fake"] == "--generate 30"
 
 
-@pytest.mark.parametrize("case", ["no_run", "no_epoch", "no_real", "no_test", "bad_epoch", "no_fake"])
+def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path):
+    import shutil
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    argv = ["-r", copy.name, "--results-dir", str(tmp_path), *TINY, "--quick", "--generate", "12"]
+    epoch_dir = copy / "2_epoch"
+    single = {}
+    for seed in (5, 6, 7):   # each seed alone, as the repeats must reproduce
+        assert evaluate.main([*argv, "--seed", str(seed)]) == 0
+        single[seed] = json.loads((epoch_dir / "metrics.json").read_text())
+    assert not (epoch_dir / "metrics_repeats.json").exists()
+    assert evaluate.main([*argv, "--seed", "5", "--repeats", "3"]) == 0
+    repeats = json.loads((epoch_dir / "metrics_repeats.json").read_text())
+    assert repeats["seeds"] == [5, 6, 7]
+    assert json.loads((epoch_dir / "metrics.json").read_text()) == single[5]   # metrics.json: the first seed's
+    for key in ("w1_mean", "mmd2_rbf_flat", "acf_diff_mean"):
+        per_seed = [single[s][key] for s in (5, 6, 7)]
+        assert repeats["values"][key] == per_seed
+        assert repeats["mean"][key] == pytest.approx(np.mean(per_seed))
+        assert repeats["sd"][key] == pytest.approx(np.std(per_seed, ddof=1))
+    assert len(set(repeats["values"]["mmd2_rbf_flat"])) == 3   # three samples, not one scored thrice
+    assert json.loads((epoch_dir / "metrics_settings.json").read_text())["repeats"] == 3
+
+
+@pytest.mark.parametrize("case", ["no_run", "no_epoch", "no_real", "no_test", "bad_epoch", "no_fake",
+                                  "repeats_without_generate"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_path, capsys):
     import shutil
     copy = tmp_path / tiny_run.name
@@ -97,6 +122,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
     elif case == "no_fake":
         (copy / "1_epoch" / "fake_data.npy").unlink()
         argv += ["--epoch", "all", "--quick"]
+    elif case == "repeats_without_generate":   # the saved sample is one sample: repeating it measures nothing
+        argv += ["--quick", "--repeats", "2"]
     before = mtimes(tmp_path)
     if case == "bad_epoch":
         with pytest.raises(SystemExit) as exc:
