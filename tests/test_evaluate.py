@@ -91,7 +91,7 @@ def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path):
     assert not (epoch_dir / "metrics_repeats.json").exists()
     assert evaluate.main([*argv, "--seed", "5", "--repeats", "3"]) == 0
     repeats = json.loads((epoch_dir / "metrics_repeats.json").read_text())
-    assert repeats["seeds"] == [5, 6, 7]
+    assert repeats["seeds"] == [5, 6, 7] and repeats["n_fake"] == 12
     assert json.loads((epoch_dir / "metrics.json").read_text()) == single[5]   # metrics.json: the first seed's
     for key in ("w1_mean", "mmd2_rbf_flat", "acf_diff_mean"):
         per_seed = [single[s][key] for s in (5, 6, 7)]
