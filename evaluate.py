@@ -227,7 +227,11 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
 
     atomic_json(epoch_dir / "metrics.json", {**read_json(epoch_dir / "metrics.json"), **values})
     if more:
-        atomic_json(epoch_dir / "metrics_repeats.json", {"n_fake": len(fake), **repeat_metrics(values, more, seeds)})
+        repeats = repeat_metrics(values, more, seeds)
+        atomic_json(epoch_dir / "metrics_repeats.json", {"n_fake": len(fake), **repeats})
+        print(f"epoch {epoch}, mean +- sd over seeds {seeds[0]}..{seeds[-1]}: "
+              + ", ".join(f"{k}={m:.4g}+-{repeats['sd'][k]:.2g}" for k, m in repeats["mean"].items()
+                          if not k.split("/")[-1].startswith("real_")), flush=True)
     atomic_json(epoch_dir / "metrics_settings.json", {
         "epoch": epoch, "seed": args.seed, "repeats": args.repeats, "device": str(device), "quick": args.quick,
         "fake": f"--generate {args.generate}" if args.generate else str(epoch_dir / "fake_data.npy"),

@@ -78,7 +78,7 @@ def test_generate_fresh_sequences(tiny_run, tmp_path):
     assert settings["n_fake"] == 30 and settings["fake"] == "--generate 30"
 
 
-def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path):
+def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path, capsys):
     import shutil
     copy = tmp_path / tiny_run.name
     shutil.copytree(tiny_run, copy)
@@ -89,7 +89,9 @@ def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path):
         assert evaluate.main([*argv, "--seed", str(seed)]) == 0
         single[seed] = json.loads((epoch_dir / "metrics.json").read_text())
     assert not (epoch_dir / "metrics_repeats.json").exists()
+    capsys.readouterr()
     assert evaluate.main([*argv, "--seed", "5", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
     repeats = json.loads((epoch_dir / "metrics_repeats.json").read_text())
     assert repeats["seeds"] == [5, 6, 7] and repeats["n_fake"] == 12
     assert json.loads((epoch_dir / "metrics.json").read_text()) == single[5]   # metrics.json: the first seed's
@@ -100,6 +102,7 @@ def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path):
         assert repeats["sd"][key] == pytest.approx(np.std(per_seed, ddof=1))
     assert len(set(repeats["values"]["mmd2_rbf_flat"])) == 3   # three samples, not one scored thrice
     assert json.loads((epoch_dir / "metrics_settings.json").read_text())["repeats"] == 3
+    assert f"mean +- sd over seeds 5..7: nonfinite_share=0+-0, w1_V={repeats['mean']['w1_V']:.4g}+-" in out
 
 
 @pytest.mark.parametrize("case", ["no_run", "no_epoch", "no_real", "no_test", "bad_epoch", "no_fake",
