@@ -166,10 +166,9 @@ def by_temperature(real: np.ndarray, real_path: Path, fake: np.ndarray, scaler: 
 
 
 def sample_metrics(args: argparse.Namespace, run_dir: Path, config: dict, epoch_dir: Path, real: np.ndarray,
-                   real_all: np.ndarray, test: np.ndarray | None, device: torch.device,
+                   real_all: np.ndarray, test: np.ndarray | None, scaler: dict | None, device: torch.device,
                    seed: int) -> tuple[dict[str, float], np.ndarray]:
     """The metrics of one synthetic sample (drawn with seed under --generate) against the real windows."""
-    scaler = run_scaler(config)
     classes = None
     if args.generate:
         if config.get("condition_classes"):   # a conditional run: its training shares, grouped by class
@@ -205,12 +204,13 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     scaler = run_scaler(config)
     window = config["args"]["soc_estimator_step"]
     real = real_steps(real_all, config["seq_len"], window, "aligned")
-    values, fake = sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, device, args.seed)
+    values, fake = sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, scaler, device, args.seed)
     length = fake.shape[1]
     # one sample's metrics move with the sample (the flat MMD of one model by up to 2x between seeds): more
     # samples, each drawn and scored as the first with the next seeds, give the spread
     seeds = list(range(args.seed, args.seed + args.repeats))
-    more = [sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, device, s)[0] for s in seeds[1:]]
+    more = [sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, scaler, device, s)[0]
+            for s in seeds[1:]]
 
     # PCA and t-SNE on equal-sized samples, the real one over the steps --pca-segment names
     rng = np.random.default_rng(args.seed)
