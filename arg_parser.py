@@ -48,6 +48,14 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """[0, 1]"""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _gpu_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip() != ""]
@@ -117,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)")
     p.add_argument("--gpus", type=_gpu_ids, default=None,
                    help="GPU ids for DataParallel, e.g. 0,1 (default: all visible GPUs)")
+    p.add_argument("--init-from", default=None, metavar="SNAPSHOT",
+                   help="start a new run from the networks of a snapshot folder, <run>/<N>_epoch (its generator.pth, "
+                        "also as the running average of --generator-ema, and discriminator.pth), with fresh optimizers "
+                        "and epochs counted from 0: to train on from a chosen snapshot, or with flags that -r refuses "
+                        "to change (e.g. --temperature-damping); the networks' shapes must match")
     p.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
     p.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
     p.add_argument("--model-scale", type=_positive_float, default=1.0,
@@ -143,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: unconditional, as the paper; temperature: the ambient temperature class of each "
                         "window (0, 10, 25 degC, from the data sidecar) is given to the generator with the noise and "
                         "to the critic with the sequence, as one-hot channels (conditional WGAN-GP)")
+    p.add_argument("--temperature-damping", type=_fraction, default=1.0,
+                   help="the generated temperature is each sequence's mean temperature plus this fraction of the "
+                        "generator's deviation from it: a cell's temperature hardly moves within a minute (real "
+                        "windows: range 0.1-0.2 degC), a free channel wanders by degrees and blurs the temperature "
+                        "classes; e.g. 0.05; 1: a free channel (the paper)")
+    p.add_argument("--temperature-bound", type=_non_negative_float, default=0.0, metavar="DEGC",
+                   help="--condition temperature: hold each sequence's mean temperature within DEGC of its class's "
+                        "real mean temperature (softly, by tanh: the identity near it); real windows lie within "
+                        "-1.0 to +3.3 degC of theirs, the classes 9.5-14.5 degC apart, so 4 keeps every class "
+                        "apart; 0: off (the paper)")
     p.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
                    help="paper: gradient norm over time per (sample, feature) as the original; "
                         "sample: per-sample norm over all time steps and features (Gulrajani et al.)")

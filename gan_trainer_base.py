@@ -35,7 +35,7 @@ PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
 ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "critic_readout", "generator_noise",
-              "noise_time_steps", "condition", "critic_residual")
+              "noise_time_steps", "condition", "critic_residual", "temperature_damping", "temperature_bound")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
@@ -592,6 +592,22 @@ def resolve_soc_model(args: argparse.Namespace) -> Path:
     raise UserError(f"{path}: SOC estimator model not found; check -socmp/-socm")
 
 
+def load_snapshot(gan: "WGANGP", folder: Path) -> None:
+    """--init-from: a snapshot's networks into a new run's generator (and its running average) and critic."""
+    for name, nets in (("generator.pth", [unwrap(gan.G), gan.G_ema]), ("discriminator.pth", [unwrap(gan.D)])):
+        path = folder / name
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = {k.removeprefix("module."): v for k, v in state.items()}   # the original's DataParallel files
+            for net in nets:
+                if net is not None:
+                    net.load_state_dict(state)
+        except Exception as err:   # missing, damaged, not weights, or other shapes
+            raise UserError(f"{path}: cannot start from this snapshot ({type(err).__name__}: "
+                            f"{' '.join(str(err).split())[:120]}); pass a <run>/<N>_epoch folder of a run with the "
+                            f"same architecture flags") from None
+
+
 def resume_args(run: RunDir, argv: list[str] | None, world: int) -> tuple[argparse.Namespace, dict]:
     """(the run's own flags with the flags typed now applied, its checkpoint): flags typed now (e.g. -e to train
     longer) override the saved ones, except those that would change the networks; flags added since the
@@ -649,6 +665,9 @@ class GANTrainerBase(ABC):
         # Everything is checked before anything is written: bad input leaves no trace.
         self.rank, local_rank, self.world = init_distributed(args.device)
         self.run, self.checkpoint, self.stopped_by = None, None, None
+        if args.resume_model_name is not None and args.init_from is not None:
+            raise UserError(f"--init-from {args.init_from}: starts a new run, -r {args.resume_model_name} continues "
+                            f"one; drop one of them")
         if args.resume_model_name is not None:
             self.run = RunDir.open(args.results_dir, args.resume_model_name)
             if self.rank == 0:   # one writer per run folder, from the first read to the end
@@ -693,6 +712,8 @@ class GANTrainerBase(ABC):
         self.train_data = dataset.data[:, :, :self.n_features].contiguous().to(self.device)
         n = len(dataset)
         self.classes, self.class_names = condition_classes(a.condition, self.data_path, n)
+        self.temperature_anchor = temperature_anchor(self.real_data, self.classes, len(self.class_names), self.scaler,
+                                                     a, self.data_path)
         if self.batch_size > n:
             raise UserError(f"{self.data_path}: batch size {self.batch_size} is larger than the dataset "
                             f"({n} windows); use -b {n * self.world} or less")
@@ -719,6 +740,8 @@ class GANTrainerBase(ABC):
             self.gan.load_state_dict(self.checkpoint)
             self.start_epoch, self.best = self.checkpoint["epoch"], self.checkpoint["best"]
             set_rng_state(self.checkpoint["rng"][self.rank], self.device, self.gan.sampler)
+        elif self.args.init_from is not None:
+            load_snapshot(self.gan, Path(self.args.init_from))
 
     # ---- the run folder ---------------------------------------------------------------------------------------
 
@@ -843,6 +866,19 @@ def condition_classes(condition: str, data_path: Path, n: int) -> tuple[torch.Te
     return torch.from_numpy(classes), names
 
 
+def temperature_anchor(real: np.ndarray, classes: torch.Tensor | None, n_classes: int, scaler: dict | None,
+                       args: argparse.Namespace, data_path: Path) -> tuple[list[float], float] | None:
+    """--temperature-bound: (each class's real mean temperature, the bound), in the data's scaled units."""
+    if not args.temperature_bound:
+        return None
+    if classes is None or scaler is None:
+        raise UserError(f"--temperature-bound {args.temperature_bound}: bounds each temperature class; needs "
+                        f"--condition temperature and {data_path}'s sidecar scaler")
+    unit = scaler["max"][2] - scaler["min"][2]   # degC per scaled unit
+    centres = [float(real[classes.numpy() == k, :, 2].mean()) for k in range(n_classes)]
+    return centres, args.temperature_bound / unit
+
+
 def run_config(trainer: GANTrainerBase) -> dict:
     """config.json of a new run: its flags, where it ran, its data (path and SHA-256) and SOC model."""
     t = trainer
@@ -853,6 +889,9 @@ def run_config(trainer: GANTrainerBase) -> dict:
         "condition_shares": [] if t.classes is None else (np.bincount(t.classes.numpy()) / len(t.classes)).tolist(),
         "data_path": str(t.data_path), "data_sha256": sha256(t.data_path), "scaler": t.scaler,
         "soc_model": str(t.soc_model_path), "soc_backend": t.args.soc_backend,
+        "temperature_anchor": t.temperature_anchor,
+        "init_from_sha256": None if t.args.init_from is None else {
+            name: sha256(Path(t.args.init_from) / name) for name in ("generator.pth", "discriminator.pth")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "sklearn": sklearn.__version__},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -42,7 +42,7 @@ def load_generator(config: dict, epoch_dir: Path, device: torch.device) -> torch
     from arg_parser import merge_saved_args
     from train_lstm_gan import build_generator
     generator = build_generator(merge_saved_args(config["args"], []), config["seq_len"],
-                                len(config.get("condition_classes") or []))
+                                len(config.get("condition_classes") or []), config.get("temperature_anchor"))
     path = epoch_dir / "generator.pth"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

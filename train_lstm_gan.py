@@ -18,6 +18,8 @@ from common import cli
 from gan_trainer_base import GANTrainerBase, voltage_line
 from lean_lstm import LeanLSTM
 
+N_FEATURES = 3      # the GAN generates V, I, T; the SOC estimator labels them
+TEMPERATURE = 2     # the temperature's channel
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
 CRITIC_WIDTHS = (128, 256, 512, 1024)
 
@@ -66,15 +68,23 @@ class Generator(nn.Module):
     no output activation. Module names match the original so its state dicts load. noise 'mixed' holds the first
     half of z's noise channels at their first step's values (a per-sequence latent; same parameters); 'smooth'
     also turns the other half into an AR(1) process with a time constant of noise_time_steps (still N(0, 1) at every
-    step). Conditional: z's class channels (after the noise) reach the first LSTM as they are."""
+    step). Conditional: z's class channels (after the noise) reach the first LSTM as they are.
+    The temperature head (no parameters: the same state dict): temperature_damping < 1 scales the temperature
+    channel's deviation from its mean over the sequence; anchor (conditional) = (each class's temperature, a bound),
+    in the data's scaled units: the sequence's mean temperature is held softly within the bound of its class's."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
                  scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0,
-                 noise_time_steps: float = 30.0):
+                 noise_time_steps: float = 30.0, temperature_damping: float = 1.0,
+                 anchor: tuple[list[float], float] | None = None):
         super().__init__()
         self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
         self.norm_layout, self.noise, self.n_classes = norm_layout, noise, n_classes
-        self.noise_time_steps = noise_time_steps
+        self.noise_time_steps, self.temperature_damping = noise_time_steps, temperature_damping
+        self.bound = anchor[1] if anchor else 0.0
+        # not persistent: the anchor comes from the data (config.json keeps it), state dicts stay the generator's
+        centres = torch.tensor(anchor[0] if anchor else [], dtype=torch.float32).reshape(-1, 1)
+        self.register_buffer("class_temperature", centres, persistent=False)
         # conditional: z carries n_classes one-hot channels after its input_dim noise channels
         widths = [input_dim + n_classes] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
         for i in range(4):
@@ -97,7 +107,21 @@ class Generator(nn.Module):
             x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)
             x = self.dropout(getattr(self, f"relu_{i}")(x))
         x, _ = self.lstm_5(x)
+        if self.temperature_damping != 1.0 or self.bound:
+            x = self.temperature_head(x, z[:, :1, self.input_dim:])
         return x
+
+    def temperature_head(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """A cell's temperature hardly moves within a minute, and stays within a few degrees of the ambient
+        temperature it is conditioned on: left free, it wanders by degrees and crosses into the next class."""
+        t = x[:, :, TEMPERATURE:TEMPERATURE + 1]
+        level = t.mean(dim=1, keepdim=True)
+        held = level
+        if self.bound:   # tanh: the identity near the class's temperature, never beyond the bound
+            centre = onehot @ self.class_temperature
+            held = centre + self.bound * torch.tanh((level - centre) / self.bound)
+        return torch.cat([x[:, :, :TEMPERATURE], held + self.temperature_damping * (t - level),
+                          x[:, :, TEMPERATURE + 1:]], dim=2)
 
 
 def voltage_residual(x: torch.Tensor) -> torch.Tensor:
@@ -153,12 +177,13 @@ class Discriminator(nn.Module):
         return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
 
 
-N_FEATURES = 3   # the GAN generates V, I, T; the SOC estimator labels them
 
-
-def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0) -> Generator:
+def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0,
+                    anchor: tuple[list[float], float] | None = None) -> Generator:
+    """anchor: --temperature-bound's (class temperatures, bound) in scaled units (temperature_anchor())."""
     return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
-                     args.norm_layout, args.generator_noise, n_classes, args.noise_time_steps)
+                     args.norm_layout, args.generator_noise, n_classes, args.noise_time_steps,
+                     args.temperature_damping, anchor)
 
 
 def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:
@@ -181,7 +206,8 @@ class TrainLSTMGAN(GANTrainerBase):
 
     def build_models(self) -> tuple[nn.Module, nn.Module]:
         n_classes = len(self.class_names)
-        return build_generator(self.args, self.seq_len, n_classes), build_critic(self.args, n_classes)
+        return (build_generator(self.args, self.seq_len, n_classes, self.temperature_anchor),
+                build_critic(self.args, n_classes))
 
     def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         return build_optimizers(self.args, self.G, self.D)

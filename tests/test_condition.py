@@ -59,6 +59,53 @@ def test_the_generator_sees_the_classes_one_hot_and_the_noise_as_without_them(no
     assert torch.equal(seen[0][:, :, :8], seen[1])
 
 
+def test_temperature_bound_holds_each_class_near_its_temperature():
+    """--temperature-bound: each sequence's mean temperature = its class's + bound x tanh(free offset / bound):
+    within the bound always, the free level where it is near; V and I and the noise untouched."""
+    torch.manual_seed(0)
+    free = Generator(8, 3, 30, scale=1 / 64, n_classes=3).eval()
+    classes = torch.arange(12) % 3
+    z = torch.cat([torch.randn(12, 30, 8), torch.nn.functional.one_hot(classes, 3).float()[:, None].expand(-1, 30, -1)],
+                  2)
+    with torch.no_grad():
+        x = free(z)
+    # class 0 near its free level, class 1 at the edge of the bound, class 2 far beyond it
+    bound = 0.05
+    centres = [float(x[classes == k, :, 2].mean()) + shift for k, shift in enumerate([0.0, 0.04, 0.3])]
+    held = Generator(8, 3, 30, scale=1 / 64, n_classes=3, anchor=(centres, bound)).eval()
+    assert set(held.state_dict()) == set(free.state_dict())   # the anchor is not in the weights
+    held.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        y = held(z)
+    assert torch.equal(x[:, :, :2], y[:, :, :2])
+    centre = torch.tensor(centres)[classes]
+    level, offset = x[:, :, 2].mean(1), y[:, :, 2].mean(1) - centre
+    assert torch.allclose(offset, bound * torch.tanh((level - centre) / bound), atol=1e-6)
+    assert offset.abs().max() <= bound and (level - centre).abs().max() > bound   # some were beyond it
+    assert torch.allclose(offset[classes == 0], (level - centre)[classes == 0], atol=2e-3)
+    assert torch.allclose(y[:, :, 2] - y[:, :, 2:].mean(1), x[:, :, 2] - x[:, :, 2:].mean(1), atol=1e-6)
+
+
+def test_temperature_bound_run_records_its_anchor_and_generates_within_it(cond_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(cond_args(cond_data, soc_model, results, "-e", "1", "-s", "1", "--temperature-bound", "2",
+                          "--temperature-damping", "0.1")) == 0
+    [run] = run_dirs(results)
+    config = json.loads((run / "config.json").read_text())
+    centres, bound = config["temperature_anchor"]
+    data, (classes, _) = np.load(cond_data), lg_dataset.window_classes(lg_dataset.load_sidecar(cond_data))
+    assert np.allclose(centres, [data[classes == k, :, 2].mean() for k in range(3)], atol=1e-6)
+    assert bound == pytest.approx(2 / (SCALER["max"][2] - SCALER["min"][2]))
+    g = generate.load_generator(config, run / "1_epoch", torch.device("cpu"))
+    for k in range(3):
+        fake = generate.generate(g, 6, 0, 6, torch.device("cpu"), np.full(6, k))
+        assert np.abs(fake[:, :, 2].mean(1) - centres[k]).max() <= bound * (1 + 1e-5)   # tanh may saturate
+    # a bound needs the classes
+    capsys.readouterr()
+    assert main(tiny_args(cond_data, soc_model, tmp_path / "plain", "-e", "1", "--temperature-bound", "2")) == 2
+    assert "--condition temperature" in capsys.readouterr().err and not (tmp_path / "plain").exists()
+
+
 def test_window_classes_follow_the_file_index():
     shipped = lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy")
     classes, names = lg_dataset.window_classes(shipped)

@@ -132,6 +132,26 @@ class LinearCritic(torch.nn.Module):
         return (x * self.w).sum(dim=(1, 2)).unsqueeze(1)
 
 
+def test_temperature_damping_scales_the_temperature_about_its_mean():
+    """--temperature-damping D: T = its mean over the sequence + D x the free output's deviation; V and I and the
+    mean untouched; D 0 holds T constant; the state dict is the free generator's."""
+    torch.manual_seed(0)
+    free = Generator(8, 3, 30, scale=1 / 64).eval()
+    z = torch.randn(4, 30, 8)
+    outputs = {}
+    for damping in (1.0, 0.05, 0.0):
+        g = Generator(8, 3, 30, scale=1 / 64, temperature_damping=damping).eval()
+        g.load_state_dict(free.state_dict())
+        with torch.no_grad():
+            outputs[damping] = g(z)
+    x, damped, flat = outputs[1.0], outputs[0.05], outputs[0.0]
+    assert torch.equal(damped[:, :, :2], x[:, :, :2])
+    level = x[:, :, 2:].mean(1, keepdim=True)
+    assert torch.allclose(damped[:, :, 2:].mean(1, keepdim=True), level, atol=1e-6)
+    assert torch.allclose(damped[:, :, 2:] - level, 0.05 * (x[:, :, 2:] - level), atol=1e-6)
+    assert x[:, :, 2].std(1).min() > 1e-3 and torch.allclose(flat[:, :, 2], level.expand(-1, 30, -1)[:, :, 0])
+
+
 def test_gradient_penalty_norms_by_hand():
     torch.manual_seed(0)
     w = torch.randn(6, 3)
@@ -336,6 +356,57 @@ def test_resume_a_checkpoint_written_before_newer_flags_existed(tiny_data, soc_m
     new_flags = (args["precision"], args["critic_chunk"], args["eval_metrics"], args["gan_epochs"])
     assert new_flags == ("fp32", 0, "quick", 3)
     assert args["model_scale"] == 0.0625 and args["seed"] == 7   # saved values kept
+
+
+def test_init_from_starts_a_new_run_from_a_snapshot(tiny_data, soc_model, tmp_path):
+    """--init-from <run>/<N>_epoch: a new folder whose networks start as the snapshot's (the generator also as its
+    running average), epochs from 1, fresh optimizers, the snapshot's hashes in config.json; flags that -r refuses
+    (--temperature-damping) may differ."""
+    from train_lstm_gan import TrainLSTMGAN
+    results, branched = tmp_path / "results", tmp_path / "branched"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "2", "-s", "2", "--generator-ema", "0.9")) == 0
+    [run] = run_dirs(results)
+    snapshot = run / "2_epoch"
+    argv = tiny_args(tiny_data, soc_model, branched, "-e", "1", "--generator-ema", "0.9", "--seed", "3",
+                     "--init-from", str(snapshot), "--temperature-damping", "0.1")
+    trainer = TrainLSTMGAN(arg_parser.parse_arg(argv), argv)   # builds and checks, writes nothing
+    assert not branched.exists()
+    for name, nets in (("generator", [trainer.G, trainer.gan.G_ema]), ("discriminator", [trainer.D])):
+        saved = torch.load(snapshot / f"{name}.pth", weights_only=True)
+        for net in nets:
+            assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    assert trainer.G.temperature_damping == 0.1 and trainer.start_epoch == 0
+    assert main(argv) == 0
+    [new] = run_dirs(branched)
+    assert [r[0] for r in read_losses(new)[1:]] == ["1"]
+    config = json.loads((new / "config.json").read_text())
+    assert config["args"]["init_from"] == str(snapshot)
+    assert config["init_from_sha256"]["generator.pth"] == gan_trainer_base.sha256(snapshot / "generator.pth")
+    ckpt = torch.load(new / "checkpoint.pt", weights_only=True)
+    assert ckpt["g_optim"]["state"][0]["step"] == 1   # fresh moments, not the snapshot run's
+    # -r may not change the damping: older snapshots would be read with the new value
+    assert main(["-r", new.name, "--results-dir", str(branched), "--temperature-damping", "1"]) == 2
+
+
+@pytest.mark.parametrize("case", ["missing", "other_shapes", "with_resume"])
+def test_init_from_errors_are_one_line_and_write_nothing(case, tiny_data, soc_model, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(tiny_args(tiny_data, soc_model, results, "-e", "1", "-s", "1")) == 0
+    [run] = run_dirs(results)
+    before = gan_trainer_base.sha256(run / "checkpoint.pt")
+    branched, extra = tmp_path / "branched", ["--init-from", str(run / "1_epoch")]
+    if case == "missing":
+        extra = ["--init-from", str(run / "9_epoch")]
+    elif case == "other_shapes":
+        extra += ["-gid", "4"]
+    elif case == "with_resume":
+        extra += ["-r", run.name]
+    capsys.readouterr()
+    assert main(tiny_args(tiny_data, soc_model, branched, "-e", "1", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    assert ("init-from" in err) if case == "with_resume" else ("generator.pth" in err)
+    assert not branched.exists() and gan_trainer_base.sha256(run / "checkpoint.pt") == before
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
