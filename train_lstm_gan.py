@@ -177,7 +177,6 @@ class Discriminator(nn.Module):
         return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
 
 
-
 def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0,
                     anchor: tuple[list[float], float] | None = None) -> Generator:
     """anchor: --temperature-bound's (class temperatures, bound) in scaled units (temperature_anchor())."""
