@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "classes; e.g. 0.05; 1: a free channel (the paper)")
     p.add_argument("--temperature-bound", type=_non_negative_float, default=0.0, metavar="DEGC",
                    help="--condition temperature: hold each sequence's mean temperature within DEGC of its class's "
-                        "real mean temperature (softly, by tanh: the identity near it); real windows lie within "
+                        "real mean temperature (softly, by tanh: the identity near it; its gradient passes as the "
+                        "identity's, so a sequence held at the bound is still pulled in); real windows lie within "
                         "-1.0 to +3.3 degC of theirs, the classes 9.5-14.5 degC apart, so 4 keeps every class "
                         "apart; 0: off (the paper)")
     p.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",

@@ -119,7 +119,10 @@ class Generator(nn.Module):
         held = level
         if self.bound:   # tanh: the identity near the class's temperature, never beyond the bound
             centre = onehot @ self.class_temperature
-            held = centre + self.bound * torch.tanh((level - centre) / self.bound)
+            squashed = centre + self.bound * torch.tanh((level - centre) / self.bound)
+            # the gradient passes as through the identity: tanh's would vanish at the bound, and a sequence held
+            # there would no longer be pulled back, so the generator's own level drifts ever further out
+            held = level + (squashed - level).detach()
         return torch.cat([x[:, :, :TEMPERATURE], held + self.temperature_damping * (t - level),
                           x[:, :, TEMPERATURE + 1:]], dim=2)
 

@@ -84,6 +84,10 @@ def test_temperature_bound_holds_each_class_near_its_temperature():
     assert offset.abs().max() <= bound and (level - centre).abs().max() > bound   # some were beyond it
     assert torch.allclose(offset[classes == 0], (level - centre)[classes == 0], atol=2e-3)
     assert torch.allclose(y[:, :, 2] - y[:, :, 2:].mean(1), x[:, :, 2] - x[:, :, 2:].mean(1), atol=1e-6)
+    # a sequence held at the bound is still pulled: the gradient passes as through the identity (tanh's: ~0)
+    free_x = x.clone().requires_grad_(True)
+    held.temperature_head(free_x, z[:, :1, 8:])[classes == 2, :, 2].sum().backward()
+    assert torch.allclose(free_x.grad[classes == 2, :, 2], torch.ones(4, 30), atol=1e-5)
 
 
 def test_temperature_bound_run_records_its_anchor_and_generates_within_it(cond_data, soc_model, tmp_path, capsys):
