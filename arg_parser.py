@@ -49,7 +49,7 @@ def _unit_interval(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    """[0, 1]"""
+    """[0, 1], both ends included (--temperature-damping: 0 holds, 1 leaves free)."""
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="SNAPSHOT",
                    help="start a new run from the networks of a snapshot folder, <run>/<N>_epoch (its generator.pth, "
                         "also as the running average of --generator-ema, and discriminator.pth), with fresh optimizers "
-                        "and epochs counted from 0: to train on from a chosen snapshot, or with flags that -r refuses "
+                        "and epochs counted from 1: to train on from a chosen snapshot, or with flags that -r refuses "
                         "to change (e.g. --temperature-damping); the networks' shapes must match")
     p.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
     p.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the generated temperature is each sequence's mean temperature plus this fraction of the "
                         "generator's deviation from it: a cell's temperature hardly moves within a minute (real "
                         "windows: range 0.1-0.2 degC), a free channel wanders by degrees and blurs the temperature "
-                        "classes; e.g. 0.05; 1: a free channel (the paper)")
+                        "classes; e.g. 0.02; 0: constant; 1: a free channel (the paper)")
     p.add_argument("--temperature-bound", type=_non_negative_float, default=0.0, metavar="DEGC",
                    help="--condition temperature: hold each sequence's mean temperature within DEGC of its class's "
                         "real mean temperature (softly, by tanh: the identity near it; its gradient passes as the "
