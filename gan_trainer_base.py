@@ -29,7 +29,7 @@ from common import UserError, cap_heap_growth, resolve_device
 from generate import labelled_sequences, real_steps, with_class_channels
 from lean_lstm import unrolled
 from lg_dataset import LGDataset, data_classes, load_sidecar
-from run_dir import LOSS_COLUMNS, RunDir
+from run_dir import LOSS_COLUMNS, RunDir, read_network
 
 PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
@@ -597,8 +597,7 @@ def load_snapshot(gan: "WGANGP", folder: Path) -> None:
     for name, nets in (("generator.pth", [unwrap(gan.G), gan.G_ema]), ("discriminator.pth", [unwrap(gan.D)])):
         path = folder / name
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = {k.removeprefix("module."): v for k, v in state.items()}   # the original's DataParallel files
+            state = read_network(path)
             for net in nets:
                 if net is not None:
                     net.load_state_dict(state)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common import OneLineParser, UserError, atomic_npy, atomic_write, cli, resolve_device
 from metrics import coulomb_gap
-from run_dir import RunDir
+from run_dir import RunDir, read_network
 
 PROJECT_DIR = Path(__file__).resolve().parent
 HZ = 10                      # the LG drive cycles are logged at 10 Hz
@@ -45,9 +45,7 @@ def load_generator(config: dict, epoch_dir: Path, device: torch.device) -> torch
                                 len(config.get("condition_classes") or []), config.get("temperature_anchor"))
     path = epoch_dir / "generator.pth"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        # older checkpoints (the original's DataParallel) carry a 'module.' prefix
-        generator.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        generator.load_state_dict(read_network(path))
     except Exception as err:   # unpickling and shape mismatches: the file does not fit this run's config
         raise UserError(f"{path}: cannot load the generator ({type(err).__name__}); the file is damaged or "
                         f"does not match {epoch_dir.parent / 'config.json'}") from None

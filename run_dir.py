@@ -29,6 +29,14 @@ def write_error(path: Path, err: OSError) -> UserError:
     return UserError(f"{path}: cannot write ({err.strerror or type(err).__name__}); {fix} and resume with -r")
 
 
+def read_network(path: Path) -> dict:
+    """A saved network's state dict (generator.pth, discriminator.pth, best_*.pth), safely (weights_only: loading
+    never runs code), without the 'module.' prefix that the original's DataParallel files carry. Raises what
+    torch.load raises; each caller says what the file was for."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
