@@ -14,7 +14,7 @@ import evaluate
 import generate
 import lg_dataset
 import metrics
-from conftest import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
+from helpers import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
 from gan_trainer_base import LevelMatching, WGANGP, WGANGPSettings, mode_seeking_term, voltage_line
 from train_lstm_gan import Discriminator, Generator, main
 

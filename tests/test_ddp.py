@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_losses, run_dirs, tiny_args
+from helpers import read_losses, run_dirs, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

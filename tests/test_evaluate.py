@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from conftest import mtimes
+from helpers import mtimes
 
 # the post-hoc models at toy size: the point here is the plumbing, test_metrics.py checks the numbers
 TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1", "--tstr-hidden", "8",

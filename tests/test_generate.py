@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import generate
-from conftest import mtimes
+from helpers import mtimes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]

@@ -16,7 +16,7 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # for the in-process runs below
 ROOT = Path(__file__).resolve().parents[1]
-from conftest import make_tiny_run  # noqa: E402
+from helpers import make_tiny_run  # noqa: E402
 from run_notebook import NotebookError, execute_notebook, main  # noqa: E402
 
 NOTEBOOK = ROOT / "visualize_lstm_gan.ipynb"

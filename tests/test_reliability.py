@@ -20,7 +20,7 @@ import run_dir
 import soc_estimator
 import train_soc_estimator as ts
 from common import atomic_write
-from conftest import read_losses, run_dirs, stop_training, tiny_args
+from helpers import read_losses, run_dirs, stop_training, tiny_args
 from soc_estimator import SOCLSTM, save_keras_h5
 from train_lstm_gan import main
 

@@ -14,7 +14,7 @@ import torch
 import arg_parser
 import gan_trainer_base
 from gan_trainer_base import BatchSampler, gradient_penalty
-from conftest import read_losses, run_dirs, stop_training, tiny_args
+from helpers import read_losses, run_dirs, stop_training, tiny_args
 from metrics import resistance_line
 from train_lstm_gan import Discriminator, Generator, main, normalize, voltage_residual
 
