@@ -16,7 +16,7 @@ off around the penalty, and one host sync per critic step (the original printed 
 the project's Generator/Discriminator (same networks, same numerics) and draws its noise on the device, like the
 fast path, so that the same seed gives the same numbers. On the CPU it runs torch's defaults, as the original
 would: oneDNN LSTM kernels everywhere, the penalty included. 'fast' is WGANGP.critic_step/generator_step
-(gan_trainer_base.py), built in memory: bench.py writes no file.
+(wgan_gp.py), built in memory: bench.py writes no file.
 Both run under the same TF32 flags (--precision fp32: TF32 off, also in cuDNN, where torch's default allows it).
 """
 import argparse
@@ -34,13 +34,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import metrics
 from arg_parser import parse_arg
 from common import GLIBC_MMAP_THRESHOLD_MAX, cap_heap_growth, cli, resolve_device
-import metrics
-from gan_trainer_base import WGANGP, WGANGPSettings, set_tf32, unwrap
-from generate import labelled_sequences, real_steps
+from models import build_critic, build_generator
+from runtime import set_tf32, unwrap
+from sampling import labelled_sequences, real_steps
 from soc_estimator import SOCLSTM, SOCEstimator
-from train_lstm_gan import build_critic, build_generator, build_optimizers
+from train_lstm_gan import build_optimizers
+from wgan_gp import WGANGP, WGANGPSettings
 
 ROOT = Path(__file__).resolve().parent
 REAL_DATA = ROOT / "data" / "lg_600_data.npy"

@@ -1,7 +1,9 @@
 """What every command shares: the one-line error for bad input (UserError, OneLineParser, cli), the device
-resolution, the one atomic file write, and glibc's heap setting for the CPU steps."""
+resolution, the one atomic file write and the small file helpers (project_default, sha256), and glibc's heap
+setting for the CPU steps."""
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import sys
@@ -10,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+PROJECT_DIR = Path(__file__).resolve().parent
 
 
 class UserError(ValueError):
@@ -97,6 +101,22 @@ def atomic_npy(path: str | Path, array) -> None:
         with open(tmp, "wb") as f:   # a file object: np.save would add .npy to the temporary file's name
             np.save(f, array)
     atomic_write(path, save)
+
+
+def project_default(path: str, default: str) -> Path:
+    """Defaults are relative to the project, so the command also works when started from another folder."""
+    p = Path(path)
+    if path == default and not p.exists() and (PROJECT_DIR / default).exists():
+        return PROJECT_DIR / default
+    return p
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 GLIBC_MMAP_THRESHOLD_MAX = 32 << 20   # where glibc's own dynamic threshold ends up on 64-bit Linux

@@ -35,9 +35,9 @@ import torch
 
 import metrics
 from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
-from generate import class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
 from lg_dataset import data_classes
 from run_dir import RunDir
+from sampling import class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TEST_DATA = "data/lg_test_300_data.npy"

@@ -3,17 +3,12 @@ penalty, built from tensors and WGANGPSettings, no files) and GANTrainerBase (de
 resume, the run folder through RunDir, the epoch snapshot and the loop). A subclass supplies the networks and
 their optimizers."""
 import argparse
-import copy
-import hashlib
 import json
-import os
 import platform
-import random
 import signal
 import sys
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +20,15 @@ from tqdm import tqdm
 
 import metrics
 from arg_parser import PAPER_SOC_MODEL, build_parser, merge_saved_args
-from common import UserError, cap_heap_growth, resolve_device
-from generate import labelled_sequences, real_steps, with_class_channels
-from lean_lstm import unrolled
+from common import UserError, project_default, resolve_device, sha256
+from extensions import TermSettings, generator_terms
 from lg_dataset import LGDataset, data_classes, load_sidecar
-from run_dir import LOSS_COLUMNS, RunDir, read_network
+from run_dir import RunDir, read_network
+from runtime import (any_rank, init_distributed, pick_critic_chunk, rng_state, seed_everything, set_rng_state,
+                     shared_seed, unwrap)
+from sampling import labelled_sequences, real_steps
+from soc_estimator import SOCEstimator
+from wgan_gp import WGANGP, WGANGPSettings
 
 PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
@@ -39,121 +38,6 @@ ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm"
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
-STEP_SEGMENT = 100       # --level-steps: steps per segment (10 s at 10 Hz) of a window's step statistics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# small helpers
-
-def project_default(path: str, default: str) -> Path:
-    """Defaults are relative to the project, so the command also works when started from another folder."""
-    p = Path(path)
-    if path == default and not p.exists() and (PROJECT_DIR / default).exists():
-        return PROJECT_DIR / default
-    return p
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def set_tf32(precision: str) -> None:
-    """TF32 only when asked: torch's default lets cuDNN RNNs use TF32, which is not the fp32 of the numerics."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-
-
-def rng_state(device: torch.device, sampler: "BatchSampler") -> dict:
-    """This process's random streams in forms torch.load(weights_only=True) accepts (tuples, lists, tensors)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            "sampler": sampler.state_dict()}
-
-
-def set_rng_state(state: dict, device: torch.device, sampler: "BatchSampler") -> None:
-    sampler.load_state_dict(state["sampler"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def bf16_lstm_supported(device: torch.device) -> bool:
-    """CPU bf16 autocast of an LSTM needs oneDNN's bf16 kernels, which many CPUs lack (it then raises)."""
-    if device.type != "cpu":
-        return True
-    try:
-        with torch.autocast("cpu", torch.bfloat16):
-            torch.nn.LSTM(3, 4, batch_first=True)(torch.randn(1, 2, 3))
-        return True
-    except RuntimeError:
-        return False
-
-
-# Peak bytes of one critic-step chunk per sample x step x critic hidden unit (summed over its LSTMs), the penalty's
-# double backward on the lean path being the larger pass. Measured on the CPU at the paper's widths (RSS over the
-# process's 0.5 GiB), with the recurrence as one Function (lean_lstm.py): 155 at 64 x 600 whole, 239 at 64 x 600
-# in chunks of 8 (a chunk's fixed share: weights, their gradients, glibc's heap).
-CRITIC_BYTES_PER_UNIT = 240
-CHUNKED_MMAP_THRESHOLD = 4 << 20   # glibc's mmap threshold while the critic step runs in chunks on the CPU
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes the step may use: free GPU memory, or MemAvailable of the machine (Linux) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        return int(meminfo["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 8 << 30   # not Linux: assume a laptop's 8 GB
-
-
-def chunk_count(batch: int, chunk: int) -> int:
-    """How many balanced chunks a critic step of batch samples runs in for --critic-chunk chunk (0: the whole batch).
-    No chunk of a single sample unless batch == 1: torch's CPU InstanceNorm backward is wrong for a batch of one."""
-    return min(-(-batch // (chunk or batch)), max(1, batch // 2))
-
-
-def auto_critic_chunk(batch: int, seq_len: int, critic_units: int, budget: int) -> int:
-    """The largest chunk whose estimated peak fits in budget bytes (0: the whole batch fits)."""
-    chunk = max(2, budget // (CRITIC_BYTES_PER_UNIT * seq_len * critic_units))
-    return 0 if chunk >= batch else int(chunk)
-
-
-def pick_critic_chunk(trainer: "GANTrainerBase") -> None:
-    """--critic-chunk not given: the whole batch if its estimated peak fits in half the free memory, else the
-    largest chunk that does (exact up to rounding either way). Said once; config.json records it."""
-    if trainer.args.critic_chunk is not None:
-        return
-    batch, seq_len, devices = trainer.batch_size, trainer.seq_len, max(1, len(trainer.device_ids))
-    units = sum(m.hidden_size for m in unwrap(trainer.D).modules() if isinstance(m, nn.LSTM))
-    budget = free_memory(trainer.device) * devices // 2   # DataParallel splits each chunk over the GPUs
-    chunk = auto_critic_chunk(batch, seq_len, units, budget)
-    trainer.args.critic_chunk = chunk
-    if trainer.rank == 0:
-        n_chunks = chunk_count(batch, chunk)
-        size = -(-batch // n_chunks)
-        estimate = CRITIC_BYTES_PER_UNIT * seq_len * units * size / devices
-        picked = f"{chunk} of {batch} samples, run as {n_chunks} chunks of {size}" if chunk else \
-            f"whole batch of {batch} samples"
-        print(f"critic chunk: {picked} (estimated peak {estimate / 2**30:.1f} "
-              f"GiB of {budget * 2 / devices / 2**30:.1f} GiB free on {trainer.device}; set --critic-chunk to "
-              f"choose)", flush=True)
 
 
 def say_projection(trainer: "GANTrainerBase", epoch: int, seconds: float) -> None:
@@ -168,409 +52,6 @@ def say_projection(trainer: "GANTrainerBase", epoch: int, seconds: float) -> Non
     if total >= 86400 and trainer.device.type == "cpu":
         print("note: this is the paper's GPU configuration; on a CPU, --preset cpu trains a smaller network "
               "sized for it (see README)", flush=True)
-
-
-def init_distributed(device_name: str) -> tuple[int, int, int]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. -> (rank, local, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 0, 1
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, local, world
-
-
-def average_gradients(model: nn.Module, world: int) -> None:
-    """Data parallelism across processes: every rank steps with the mean of all ranks' gradients. Done by hand
-    rather than with DistributedDataParallel, whose reducer does not support the penalty's double backward."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """State dicts are saved without DataParallel's 'module.' prefix so a checkpoint does not depend on GPU count."""
-    return getattr(model, "module", model)
-
-
-
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, lambda_term: float,
-                     norm: str = "paper", eta: torch.Tensor | None = None, features: int | None = None
-                     ) -> torch.Tensor:
-    """lambda * E[(||grad critic(x_hat)|| - 1)^2] at random interpolates x_hat of real and fake [B, T, F].
-    norm 'paper' takes the 2-norm over time per (sample, feature), as the original's norm(2, dim=1);
-    'sample' takes it over all of a sample's steps and features, as Gulrajani et al.
-    eta [B, 1, 1]: the interpolation weights, drawn here when not given. features: only the first `features`
-    channels are the sequence (conditional: the class channels after them, equal in real and fake, are not)."""
-    if eta is None:   # sized from the actual batch (the original crashed on a short last batch)
-        eta = torch.rand(len(real), 1, 1, device=real.device)
-    interpolated = (eta * real + (1 - eta) * fake).requires_grad_(True)
-    score = critic(interpolated)
-    grad, = torch.autograd.grad(score, interpolated, grad_outputs=torch.ones_like(score), create_graph=True)
-    grad = grad if features is None else grad[..., :features]
-    grad_norm = grad.norm(2, dim=1) if norm == "paper" else grad.flatten(1).norm(2, dim=1)
-    return ((grad_norm - 1) ** 2).mean() * lambda_term
-
-
-def mode_seeking_term(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """Mao et al. 2019 (MSGAN): 1 / (|G(z1) - G(z2)| / |z1 - z2|), means of absolute differences, over the pairs
-    (i, i + B/2) of a batch of 2 * (B/2). Small when two noises give different sequences: a conditional generator
-    that ignores its noise (one sequence per class) pays for it."""
-    half = len(z) // 2
-    dz = (z[:half] - z[half:2 * half]).abs().mean((1, 2))
-    dx = (fake[:half] - fake[half:2 * half]).abs().mean((1, 2))
-    return (1 / (dx / dz + 1e-5)).mean()
-
-
-def voltage_line(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, T, >=2] with V and I in channels 0 and 1 -> ([B] slope of each sequence's least-squares line of V in I,
-    [B, T] V about that line): metrics.resistance_line in torch and scaled units, differentiable."""
-    v, i = x[..., 0], x[..., 1]
-    vc, ic = v - v.mean(1, keepdim=True), i - i.mean(1, keepdim=True)
-    slope = (vc * ic).sum(1, keepdim=True) / (ic * ic).sum(1, keepdim=True).clamp_min(1e-6)
-    return slope.squeeze(1), vc - slope * ic
-
-
-def window_levels(x: torch.Tensor, steps: bool = False) -> torch.Tensor:
-    """[B, T, >=3] (V, I, T first) -> [B, 5]: each window's mean V, I and T (where it sits: what the level-dominated
-    flat MMD and the SOC labels follow), the resistance its voltage follows its current with, and the log of the
-    spread of what that does not explain (which the SOC estimator reads as SOC moving). steps: [B, 9], with the log
-    standard deviation of the V and I step differences and its ratio to their mean absolute value, each averaged
-    over the window's 10 s segments: a drive cycle's current changes in sparse jumps (ratio 3.7, within 1.2x in
-    nearly every window), a jitter's ratio is 1.3; per segment, so that a burst at the start of a generated window
-    (a generator's start-up transient) cannot stand in for the jumps everywhere else."""
-    x = x[..., :3].float()
-    slope, residual = voltage_line(x)
-    levels = [x.mean(1), slope[:, None], torch.log(residual.std(1) + 1e-4)[:, None]]
-    if steps:
-        d = x[:, 1:, :2] - x[:, :-1, :2]
-        n = max(1, d.shape[1] // STEP_SEGMENT)
-        d = d[:, :d.shape[1] // n * n].reshape(len(d), n, -1, 2)
-        spread = torch.log(d.std(2) + 1e-5)
-        levels += [spread.mean(1), (spread - torch.log(d.abs().mean(2) + 1e-5)).mean(1)]
-    return torch.cat(levels, dim=1)
-
-
-class LevelMatching:
-    """--level-mmd: squared MMD, per class, between the generated windows' levels (window_levels) and those of the
-    real windows of the class, on levels standardised by the real windows' spread, one kernel per group of levels
-    (the mean levels; the resistance and residual; with --level-steps, the step differences): Gaussian kernels
-    (0.25 to 2 times the real windows' median distance), or, --level-kernel energy, the distance kernel -|x - y|
-    (the energy distance): the Gaussians' pull on a window several spreads off vanishes, the distance's does not;
-    hybrid: Gaussians on the mean levels (which they spread as the real ones) and the distance, times
-    HYBRID_ENERGY, on the others (which it pulls in from far off). Unlike the mode-seeking term, which rewards any
-    difference between two samples, it asks for the real spread of levels: no more, no less. temperature: also
-    each class's mean temperatures on that class's own scale (standardised by its real windows' spread, a few
-    hundredths of the spread over all classes), by the energy distance times HYBRID_ENERGY: on the common scale a class
-    drifting 2-4 degC off lies within every Gaussian's bandwidth and is hardly pulled back."""
-
-    BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)
-    GROUPS = (slice(0, 3), slice(3, 5), slice(5, 9))   # window_levels' columns: mean levels, physics, steps
-    HYBRID_ENERGY = 0.3   # the distance's weight beside the Gaussians (whose kernel values lie within 0..1)
-    MAX_REAL = 4096   # real windows kept (a fixed random subset beyond): the real-real term is quadratic in them
-
-    def __init__(self, real: torch.Tensor, classes: torch.Tensor | None, kernel: str = "gaussian",
-                 steps: bool = False, temperature: bool = False):
-        self.kernel_name, self.steps, self.temperature = kernel, steps, temperature
-        self.groups = self.GROUPS if steps else self.GROUPS[:2]
-        keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:self.MAX_REAL].to(real.device)
-        levels = window_levels(real[keep], steps)
-        self.mean, self.std = levels.mean(0), levels.std(0).clamp_min(1e-8)
-        kept_classes = classes[keep] if classes is not None else torch.zeros_like(keep)
-        if temperature:   # each class's mean and spread of the window mean temperature; a class all at one
-            # temperature gets a hundredth of the overall spread, not a division by zero
-            t = {int(c): levels[kept_classes == c, 2] for c in kept_classes.unique()}
-            self.t_scale = {c: (x.mean(), x.std().nan_to_num(0).clamp_min(self.std[2] / 100)) for c, x in t.items()}
-            self.real_t = {c: (x - self.t_scale[c][0]) / self.t_scale[c][1] for c, x in t.items()}
-            self.real_t_term = {c: self.distance_pair_mean(x) for c, x in self.real_t.items()}
-        levels = (levels - self.mean) / self.std
-        sample = levels[:1024]   # already in random order
-        scales = torch.tensor(self.BANDWIDTHS, device=real.device) ** 2
-        self.sigma2 = [torch.cdist(sample[:, g], sample[:, g]).pow(2).flatten().median() * scales
-                       for g in self.groups]
-        self.real = {int(c): levels[kept_classes == c] for c in kept_classes.unique()}   # each class's real levels
-        # the real-real term is a constant of the data: once, so that the term reads as the MMD itself
-        self.real_term = {c: self.pair_mean(x) for c, x in self.real.items()}
-
-    @staticmethod
-    def off_diagonal_mean(m: torch.Tensor) -> torch.Tensor:
-        """The mean of a square matrix of pairs over the pairs of distinct rows (0 for a single row): the unbiased
-        estimate."""
-        n = len(m)
-        return (m.sum() - m.diagonal().sum()) / max(1, n * (n - 1))
-
-    @staticmethod
-    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """[n, k], [m, k] -> [n, m] Euclidean distances. The 1e-6 under the root: a window's zero distance to itself
-        would give the root an infinite gradient."""
-        return torch.sqrt((a[:, None] - b[None, :]).pow(2).sum(-1) + 1e-6)
-
-    def pair_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel's mean over the pairs of distinct rows of x."""
-        return self.off_diagonal_mean(self.kernel(x, x))
-
-    @classmethod
-    def distance_pair_mean(cls, x: torch.Tensor) -> torch.Tensor:
-        """The mean |x - x'| over the pairs of distinct entries of a 1-d x (0 for a single entry)."""
-        return cls.off_diagonal_mean((x[:, None] - x[None, :]).abs())
-
-    def class_temperature(self, t: torch.Tensor, c: int) -> torch.Tensor:
-        """The energy distance between generated mean temperatures t (raw) of class c and the class's real ones,
-        both on the class's scale."""
-        mean, std = self.t_scale[c]
-        t = ((t - mean) / std)[:, None]
-        return (2 * self.distance(t, self.real_t[c][:, None]).mean() - self.off_diagonal_mean(self.distance(t, t))
-                - self.real_t_term[c])
-
-    def kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """A sum of one kernel per group: a window far off in one group does not hide how near it is in another."""
-        out = 0
-        for n, (g, sigma2) in enumerate(zip(self.groups, self.sigma2)):
-            if self.kernel_name == "gaussian" or (self.kernel_name == "hybrid" and n == 0):
-                d2 = torch.cdist(a[:, g], b[:, g]).pow(2).unsqueeze(-1)
-                out = out + torch.exp(-d2 / (2 * sigma2)).mean(-1) / len(self.groups)
-            else:
-                weight = self.HYBRID_ENERGY if self.kernel_name == "hybrid" else 1.0
-                out = out - weight * self.distance(a[:, g], b[:, g]) / len(self.groups)
-        return out
-
-    def __call__(self, fake: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        """fake [B, T, >=3] -> the mean over the batch's classes of each class's squared MMD (unbiased in fake)."""
-        levels = window_levels(fake, self.steps)
-        f = (levels - self.mean) / self.std
-        classes = torch.zeros(len(f), dtype=torch.long, device=f.device) if classes is None else classes
-        terms = []
-        for c in classes.unique():
-            fc = f[classes == c]
-            cross = self.kernel(fc, self.real[int(c)]).mean()
-            terms.append(self.pair_mean(fc) - 2 * cross + self.real_term[int(c)])
-            if self.temperature:
-                weight = self.HYBRID_ENERGY / len(self.groups)
-                terms[-1] = terms[-1] + weight * self.class_temperature(levels[classes == c, 2], int(c))
-        return torch.stack(terms).mean()
-
-
-class BatchSampler:
-    """One persistent shuffled pass after another over the real windows (the original rebuilt its loader
-    iterator at every critic step). The last batch of a pass may be short, as with DataLoader(drop_last=False).
-    Its state is part of the checkpoint, so a resumed run draws the same batches."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = None, 0
-
-    def next_indices(self) -> torch.Tensor:
-        if self.perm is None or self.pos >= self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
-        self.pos += len(idx)
-        return idx
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.perm, self.pos = state["perm"], state["pos"]
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the WGAN-GP
-
-@dataclass
-class WGANGPSettings:
-    """The step's settings (flags -gp, --gp-norm, -dts, --critic-chunk, --precision, --mode-seeking, --level-mmd,
-    --mode-seeking-on, --level-kernel, --level-steps, --generator-ema, --level-temperature)."""
-    lambda_term: float = 10.0
-    gp_norm: str = "paper"
-    critic_steps: int = 5
-    critic_chunk: int = 0
-    precision: str = "fp32"
-    mode_seeking: float = 0.0
-    level_mmd: float = 0.0
-    mode_seeking_on: str = "all"
-    level_kernel: str = "gaussian"
-    level_steps: bool = False
-    generator_ema: float = 0.0
-    level_temperature: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "WGANGPSettings":
-        return cls(args.gradient_penalty_lambda_term, args.gp_norm, args.discriminator_train_steps,
-                   args.critic_chunk, args.precision, args.mode_seeking, args.level_mmd, args.mode_seeking_on,
-                   args.level_kernel, args.level_steps, args.generator_ema, args.level_temperature)
-
-
-class WGANGP:
-    """Generator G and critic D, their optimizers and the batch sampler over the real windows [n, T, F] (on the
-    training device). One epoch: critic_steps critic steps, then one generator step. With world > 1 (torchrun)
-    each process holds the same networks and its own share of the batch; gradients are averaged."""
-
-    def __init__(self, generator: nn.Module, critic: nn.Module, g_optim: torch.optim.Optimizer,
-                 d_optim: torch.optim.Optimizer, real: torch.Tensor, batch_size: int, seed: int,
-                 settings: WGANGPSettings, world: int = 1, classes: torch.Tensor | None = None):
-        self.G, self.D, self.g_optim, self.d_optim = generator, critic, g_optim, d_optim
-        self.real, self.device, self.settings, self.world = real, real.device, settings, world
-        # conditional (--condition): each real window's class; None keeps the unconditional step op for op
-        self.classes = None if classes is None else classes.to(self.device)
-        self.n_classes = getattr(unwrap(generator), "n_classes", 0)
-        self.batch_size = batch_size
-        self.sampler = BatchSampler(len(real), batch_size, seed)
-        if settings.precision == "bf16" and not bf16_lstm_supported(self.device):
-            raise UserError("--precision bf16: this CPU has no bfloat16 LSTM kernels (oneDNN); use --precision fp32 "
-                            "(bf16 is meant for GPUs)")
-        set_tf32(settings.precision)
-        # in chunks on the CPU, each chunk's freed graph fragments glibc's heap and the RSS grows with the chunk
-        # count (16 x 300 in chunks of 4: 2.31 GB, capped 1.29 GB, one chunk of 4 alone 1.19 GB); chunks are
-        # asked for to save memory, so the cap's page faults (~20 % of the step) are paid there only
-        chunked = 0 < settings.critic_chunk < batch_size and self.device.type == "cpu"
-        self.mmap_threshold = CHUNKED_MMAP_THRESHOLD if chunked and cap_heap_growth(CHUNKED_MMAP_THRESHOLD) else None
-        self.level_matching = LevelMatching(real, self.classes, settings.level_kernel, settings.level_steps,
-                                            settings.level_temperature) if settings.level_mmd else None
-        # --generator-ema: a running average of the generator's weights, the one that is sampled and evaluated
-        self.G_ema = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False) if settings.generator_ema else None
-
-    def noise(self, n: int, classes: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conditioned(torch.randn(n, self.real.shape[1], unwrap(self.G).input_dim, device=self.device),
-                                classes)
-
-    def conditioned(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        return with_class_channels(x, classes, self.n_classes)
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
-
-    def critic_step(self) -> torch.Tensor:
-        """One critic update; -> [d_loss, d_real, d_fake, gp] (d_loss = d_fake - d_real + gp)."""
-        s, autocast = self.settings, self.autocast()
-        idx = self.sampler.next_indices().to(self.device)
-        real, classes = self.real[idx], None if self.classes is None else self.classes[idx]
-        b = len(real)
-        with torch.no_grad(), autocast:   # the critic's loss needs no generator gradients
-            fake = self.G(self.noise(b, classes)).float()
-        self.d_optim.zero_grad(set_to_none=True)
-        # critic_chunk (0: whole batch) runs the passes below on balanced chunks of samples, each chunk's means
-        # weighted by its share: exact up to rounding, and each chunk's graph is freed before the next, so the
-        # step's peak memory follows the chunk, not the batch
-        n_chunks = chunk_count(b, s.critic_chunk)
-        parts = [slice(b * i // n_chunks, b * (i + 1) // n_chunks) for i in range(n_chunks)]
-        d_real, d_fake, gp = (torch.zeros((), device=self.device) for _ in range(3))
-        # real and fake in one forward and one backward (cuDNN allowed): the critic has no cross-sample coupling
-        # (InstanceNorm and LSTMs are per sample), so this equals two separate calls up to rounding
-        for part in parts:
-            n, share = part.stop - part.start, (part.stop - part.start) / b
-            both = None if classes is None else classes[part].repeat(2)
-            with autocast:
-                scores = self.D(self.conditioned(torch.cat([real[part], fake[part]]), both)).float()
-            d_real_part, d_fake_part = scores[:n].mean() * share, scores[n:].mean() * share
-            (d_fake_part - d_real_part).backward()
-            d_real, d_fake = d_real + d_real_part.detach(), d_fake + d_fake_part.detach()
-        # The penalty needs a double backward, which the fused RNN kernels lack (cuDNN raises; oneDNN falls back
-        # to a slow generic path) and which torch's native cells make hold one weight-sized gradient per time
-        # step: the critic's LeanLSTMs run unrolled instead (lean_lstm.py). cuDNN stays off for any other RNN.
-        eta = torch.rand(b, 1, 1, device=self.device)   # one draw for the whole batch, whatever the chunks
-        for part in parts:
-            share = (part.stop - part.start) / b
-            c = None if classes is None else classes[part]
-            with unrolled(self.D), torch.backends.cudnn.flags(enabled=False), autocast:
-                gp_part = gradient_penalty(self.D, self.conditioned(real[part], c), self.conditioned(fake[part], c),
-                                           s.lambda_term, s.gp_norm, eta[part], real.shape[2]).float() * share
-            gp_part.backward()
-            gp += gp_part.detach()
-        if self.world > 1:
-            average_gradients(self.D, self.world)
-        self.d_optim.step()
-        return torch.stack([d_fake - d_real + gp, d_real, d_fake, gp]).detach()
-
-    def generator_step(self) -> torch.Tensor:
-        self.D.requires_grad_(False)   # only the generator's gradients are needed
-        self.g_optim.zero_grad(set_to_none=True)
-        lam, b = self.settings.mode_seeking, self.batch_size
-        classes = None   # conditional: classes as often as the real windows have them
-        if self.classes is not None:   # --mode-seeking: as pairs, sample i and i + b/2 of one class
-            classes = self.classes[torch.randint(len(self.classes), (b // 2 if lam else b,), device=self.device)]
-            classes = classes.repeat(2) if lam else classes
-        with self.autocast():
-            z = self.noise(2 * (b // 2) if lam else b, classes)
-            fake = self.G(z)
-            score = self.D(self.conditioned(fake, classes)).float().mean()
-        loss = -score
-        if lam:   # --mode-seeking-on voltage: only a different voltage (SOC) level counts as a different sample
-            seen = fake.float() if self.settings.mode_seeking_on == "all" else fake.float()[..., :1]
-            loss = loss + lam * mode_seeking_term(z[..., :unwrap(self.G).input_dim], seen)
-        if self.level_matching is not None:
-            loss = loss + self.settings.level_mmd * self.level_matching(fake, classes)
-        loss.backward()
-        if self.world > 1:
-            average_gradients(self.G, self.world)
-        self.g_optim.step()
-        if self.G_ema is not None:
-            self.update_ema()
-        self.D.requires_grad_(True)
-        return -score.detach()   # reported with the original's sign: lower is better for the generator
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """ema = beta * ema + (1 - beta) * weights after each generator step; BatchNorm's running statistics, which
-        are averages already, are the generator's own."""
-        beta, g = self.settings.generator_ema, unwrap(self.G)
-        for ema, weight in zip(self.G_ema.parameters(), g.parameters()):
-            ema.lerp_(weight, 1 - beta)
-        for ema, buffer in zip(self.G_ema.buffers(), g.buffers()):
-            ema.copy_(buffer)
-
-    @property
-    def sampled_generator(self) -> nn.Module:
-        """The generator that snapshots save and evaluate: the running average with --generator-ema."""
-        return unwrap(self.G) if self.G_ema is None else self.G_ema
-
-    def train_epoch(self) -> dict[str, float]:
-        self.G.train()
-        self.D.train()
-        critic = torch.stack([self.critic_step() for _ in range(self.settings.critic_steps)]).mean(0)
-        values = torch.cat([self.generator_step().reshape(1), critic])
-        if self.world > 1:   # the epoch's losses averaged over ranks
-            dist.all_reduce(values)
-            values /= self.world
-        return dict(zip(LOSS_COLUMNS, values.tolist()))   # one device sync per epoch
-
-    def state_dict(self) -> dict:
-        """Networks without DataParallel's 'module.' prefix, so a checkpoint does not depend on GPU count."""
-        state = {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict(),
-                 "g_optim": self.g_optim.state_dict(), "d_optim": self.d_optim.state_dict()}
-        if self.G_ema is not None:
-            state["generator_ema"] = self.G_ema.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        unwrap(self.G).load_state_dict(state["generator"])
-        unwrap(self.D).load_state_dict(state["discriminator"])
-        load_moments(self.g_optim, state["g_optim"])
-        load_moments(self.d_optim, state["d_optim"])
-        if self.G_ema is not None:   # a run that turns --generator-ema on at resume starts its average there
-            self.G_ema.load_state_dict(state.get("generator_ema", state["generator"]))
-
-
-def load_moments(optim: torch.optim.Optimizer, state: dict) -> None:
-    """The optimizer's moments and step counts from a checkpoint, its hyperparameters (learning rate, betas, weight
-    decay) as built from the flags: a flag typed on resume (e.g. -glr) takes effect rather than being overwritten by
-    the saved value, and an unchanged flag gives back the saved value, so exact resume is untouched."""
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optim.param_groups]
-    optim.load_state_dict(state)
-    for group, values in zip(optim.param_groups, hyper):
-        group.update(values)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -629,26 +110,6 @@ def resume_args(run: RunDir, argv: list[str] | None, world: int) -> tuple[argpar
     return args, checkpoint
 
 
-def shared_seed(seed: int | None, world: int) -> int:
-    """--seed, or a drawn one, the same on every rank."""
-    if seed is None:
-        seed = random.SystemRandom().randrange(2 ** 31)
-    if world > 1:
-        box = [seed]
-        dist.broadcast_object_list(box, src=0)
-        seed = box[0]
-    return seed
-
-
-def any_rank(flag: bool, device: torch.device, world: int) -> bool:
-    """True on every rank when it is true on any (a signal to one rank stops them all at the same epoch)."""
-    if world > 1:
-        box = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        flag = bool(box.item())
-    return flag
-
-
 class GANTrainerBase(ABC):
     trainer_name = "gan"
 
@@ -675,7 +136,6 @@ class GANTrainerBase(ABC):
             self.args, self.checkpoint = resume_args(self.run, argv, self.world) if self.run else (args, None)
             self._set_device(local_rank)
             self._load_data()
-            from soc_estimator import SOCEstimator
             self.soc_model_path = resolve_soc_model(self.args)
             self.soc = SOCEstimator.load(self.soc_model_path, self.device, backend=self.args.soc_backend)
             self.notebook = project_default(self.args.result_notebook, build_parser().get_default("result_notebook"))
@@ -728,11 +188,16 @@ class GANTrainerBase(ABC):
             self.G = nn.DataParallel(self.G, device_ids=self.device_ids)
             self.D = nn.DataParallel(self.D, device_ids=self.device_ids)
         g_optim, d_optim = self.build_optimizers()
-        pick_critic_chunk(self)
+        if self.args.critic_chunk is None:   # said once; config.json records it
+            self.args.critic_chunk, said = pick_critic_chunk(self.D, self.batch_size, self.seq_len, self.device,
+                                                             max(1, len(self.device_ids)))
+            if self.rank == 0:
+                print(said, flush=True)
         if self.world > 1:   # ... but each rank its own noise and its own batches
             seed_everything(self.seed + self.rank)
+        terms = generator_terms(TermSettings.from_args(self.args), self.train_data, self.classes)
         self.gan = WGANGP(self.G, self.D, g_optim, d_optim, self.train_data, self.batch_size, self.seed + self.rank,
-                          WGANGPSettings.from_args(self.args), self.world, self.classes)
+                          WGANGPSettings.from_args(self.args), self.world, self.classes, terms)
         self.start_epoch = 0
         self.best = {"g_loss": float("inf"), "g_epoch": 0, "d_loss": float("inf"), "d_epoch": 0}
         if self.checkpoint is not None:

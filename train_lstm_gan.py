@@ -1,197 +1,20 @@
-"""The paper's LSTM WGAN-GP: generator, critic (the paper's "discriminator"), and the trainer that ties them to
-the shared loop in gan_trainer_base.py.
+"""The paper's LSTM WGAN-GP trainer: the generator and critic of models.py and their Adam optimizers, tied to the
+shared loop of gan_trainer_base.py.
 
     python train_lstm_gan.py                      # the paper's defaults, on the shipped LG 18650HG2 windows
     python train_lstm_gan.py --model-scale 0.125 -e 20 -s 10 -ess 64   # a CPU demo
 """
 import argparse
-import math
 import sys
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.optim import Adam
 
 from arg_parser import parse_arg
 from common import cli
-from gan_trainer_base import GANTrainerBase, voltage_line
-from lean_lstm import LeanLSTM
-
-N_FEATURES = 3      # the GAN generates V, I, T; the SOC estimator labels them
-TEMPERATURE = 2     # the temperature's channel
-GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
-CRITIC_WIDTHS = (128, 256, 512, 1024)
-
-
-def scaled(width: int, scale: float) -> int:
-    return max(1, round(width * scale))
-
-
-def normalize(x: torch.Tensor, norm: nn.Module, layout: str) -> torch.Tensor:
-    """x: [B, T, C] LSTM output. 'paper' reproduces the original's reshape(B, C, 1, T), which reinterprets the
-    memory of [T, C] as [C, T] (mixing time and feature positions) and returns the result permuted back."""
-    b, t, c = x.shape
-    if layout == "paper":
-        return norm(x.reshape(b, c, 1, t)).squeeze(2).permute(0, 2, 1)
-    return norm(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
-
-
-class InstanceNorm(nn.Module):
-    """The original's nn.InstanceNorm2d(C) (no affine, no running statistics: no state, so state dicts match),
-    written out because torch's CPU kernel returns wrong gradients for a batch of one sample (torch 2.13)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.channels, self.eps = channels, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [B, C, H, W], statistics per (sample, channel)
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        var = x.var(dim=(2, 3), unbiased=False, keepdim=True)
-        return (x - mean) / torch.sqrt(var + self.eps)
-
-
-def ar1(z: torch.Tensor, time_steps: float) -> torch.Tensor:
-    """i.i.d. N(0, 1) noise [B, T, C] -> a stationary AR(1) process over T with unit variance and correlation
-    exp(-lag / time_steps): slow noise, as the real traces change slowly at 10 Hz."""
-    a = math.exp(-1.0 / time_steps)
-    b = math.sqrt(1.0 - a * a)
-    out = torch.empty_like(z)
-    out[:, 0] = z[:, 0]
-    for t in range(1, z.shape[1]):
-        out[:, t] = a * out[:, t - 1] + b * z[:, t]
-    return out
-
-
-class Generator(nn.Module):
-    """Five stacked single-layer LSTMs (1024, 512, 256, 128, output_dim); BatchNorm + ReLU after the first four;
-    no output activation. Module names match the original so its state dicts load. noise 'mixed' holds the first
-    half of z's noise channels at their first step's values (a per-sequence latent; same parameters); 'smooth'
-    also turns the other half into an AR(1) process with a time constant of noise_time_steps (still N(0, 1) at every
-    step). Conditional: z's class channels (after the noise) reach the first LSTM as they are.
-    The temperature head (no parameters: the same state dict): temperature_damping < 1 scales the temperature
-    channel's deviation from its mean over the sequence; anchor (conditional) = (each class's temperature, a bound),
-    in the data's scaled units: the sequence's mean temperature is held softly within the bound of its class's."""
-
-    def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
-                 scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0,
-                 noise_time_steps: float = 30.0, temperature_damping: float = 1.0,
-                 anchor: tuple[list[float], float] | None = None):
-        super().__init__()
-        self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
-        self.norm_layout, self.noise, self.n_classes = norm_layout, noise, n_classes
-        self.noise_time_steps, self.temperature_damping = noise_time_steps, temperature_damping
-        self.bound = anchor[1] if anchor else 0.0
-        # not persistent: the anchor comes from the data (config.json keeps it), state dicts stay the generator's
-        centres = torch.tensor(anchor[0] if anchor else [], dtype=torch.float32).reshape(-1, 1)
-        self.register_buffer("class_temperature", centres, persistent=False)
-        # conditional: z carries n_classes one-hot channels after its input_dim noise channels
-        widths = [input_dim + n_classes] + [scaled(w, scale) for w in GENERATOR_WIDTHS]
-        for i in range(4):
-            setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
-            setattr(self, f"batch_norm_{i + 1}", nn.BatchNorm2d(widths[i + 1]))
-            setattr(self, f"relu_{i + 1}", nn.ReLU())
-        self.lstm_5 = nn.LSTM(widths[4], output_dim, batch_first=True)
-        # single-layer nn.LSTM ignores its dropout argument, so dropout is applied between the blocks
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = z
-        if self.noise in ("mixed", "smooth"):   # i.i.d. noise at every step gives the LSTMs nothing that lasts
-            # the class channels after the noise pass unchanged (AR(1)-filtered, a one-hot 1 would climb to ~14)
-            k, noise, onehot = self.input_dim // 2, z[:, :, :self.input_dim], z[:, :, self.input_dim:]
-            varying = noise[:, :, k:] if self.noise == "mixed" else ar1(noise[:, :, k:], self.noise_time_steps)
-            x = torch.cat([noise[:, :1, :k].expand(-1, z.shape[1], -1), varying, onehot], dim=2)
-        for i in range(1, 5):
-            x, _ = getattr(self, f"lstm_{i}")(x)
-            x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)
-            x = self.dropout(getattr(self, f"relu_{i}")(x))
-        x, _ = self.lstm_5(x)
-        if self.temperature_damping != 1.0 or self.bound:
-            x = self.temperature_head(x, z[:, :1, self.input_dim:])
-        return x
-
-    def temperature_head(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """A cell's temperature hardly moves within a minute, and stays within a few degrees of the ambient
-        temperature it is conditioned on: left free, it wanders by degrees and crosses into the next class."""
-        t = x[:, :, TEMPERATURE:TEMPERATURE + 1]
-        level = t.mean(dim=1, keepdim=True)
-        held = level
-        if self.bound:   # tanh: the identity near the class's temperature, never beyond the bound
-            centre = onehot @ self.class_temperature
-            squashed = centre + self.bound * torch.tanh((level - centre) / self.bound)
-            # the gradient passes as through the identity: tanh's would vanish at the bound, and a sequence held
-            # there would no longer be pulled back, so the generator's own level drifts ever further out
-            held = level + (squashed - level).detach()
-        return torch.cat([x[:, :, :TEMPERATURE], held + self.temperature_damping * (t - level),
-                          x[:, :, TEMPERATURE + 1:]], dim=2)
-
-
-def voltage_residual(x: torch.Tensor) -> torch.Tensor:
-    """x [B, T, >=2] with V and I in channels 0 and 1 -> [B, T]: each sequence's voltage about its least-squares
-    line in its current, the part of V that the cell's resistance does not explain (metrics.resistance_line's
-    residual, whose spread is phys_v_residual_mv). Over a window the open-circuit voltage hardly moves, so in real
-    windows it stays within ~10 mV."""
-    return voltage_line(x)[1]
-
-
-class Discriminator(nn.Module):
-    """The WGAN critic: four stacked LSTMs (128, 256, 512, 1024), each followed by InstanceNorm (--critic-norm layer:
-    a per-step layer norm) + LeakyReLU(0.2);
-    the last time step's features go through Linear(1024, 1) (--critic-readout mean: every step's features, averaged
-    over time; meanstd: their mean and standard deviation over time, Linear(2048, 1)). No sigmoid: it scores, it does
-    not classify. Its LSTMs are LeanLSTMs (nn.LSTM with an unrolled form for the gradient penalty's double backward).
-    residual > 0 (--critic-residual): the voltage residual times `residual` is one more input channel, after the
-    others."""
-
-    def __init__(self, input_dim: int, dropout: float = 0.0, scale: float = 1.0, norm_layout: str = "paper",
-                 norm: str = "instance", readout: str = "last", residual: float = 0.0):
-        super().__init__()
-        self.input_dim, self.residual = input_dim, residual
-        self.norm_layout, self.norm, self.readout = norm_layout, norm, readout
-        widths = [input_dim + (1 if residual else 0)] + [scaled(w, scale) for w in CRITIC_WIDTHS]
-        for i in range(4):
-            setattr(self, f"lstm_{i + 1}", LeanLSTM(widths[i], widths[i + 1], batch_first=True))
-            setattr(self, f"instance_norm_{i + 1}", InstanceNorm(widths[i + 1]))
-            setattr(self, f"relu_{i + 1}", nn.LeakyReLU(0.2))
-        # meanstd: the head reads each feature's mean and standard deviation over time
-        self.linear = nn.Linear(widths[4] * (2 if readout == "meanstd" else 1), 1)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.residual:   # differentiable, so the gradient penalty sees it as part of the critic; sums over time
-            r = self.residual * voltage_residual(x.float())   # in fp32 also under bf16 autocast
-            x = torch.cat([x, r.to(x.dtype).unsqueeze(-1)], dim=-1)
-        for i in range(1, 5):
-            x, _ = getattr(self, f"lstm_{i}")(x)
-            if self.norm == "layer":   # per step over features: a sequence's levels stay visible to the critic
-                x = F.layer_norm(x, x.shape[-1:])
-            else:
-                x = normalize(x, getattr(self, f"instance_norm_{i}"), self.norm_layout)
-            if i < 4:
-                x = self.dropout(getattr(self, f"relu_{i}")(x))
-        if self.readout != "last":   # every step scored: each step's dynamics get a gradient, not the last's
-            h = self.dropout(self.relu_4(x))
-            if self.readout == "mean":
-                return self.linear(h.mean(dim=1))
-            # the spread over time shows what a mean cannot: a level that wanders within one sequence
-            return self.linear(torch.cat([h.mean(dim=1), torch.sqrt(h.var(dim=1, unbiased=False) + 1e-8)], dim=1))
-        # as the original: the activation is applied to the last time step only, then the linear head
-        return self.linear(self.dropout(self.relu_4(x[:, -1, :])))
-
-
-def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0,
-                    anchor: tuple[list[float], float] | None = None) -> Generator:
-    """anchor: --temperature-bound's (class temperatures, bound) in scaled units (temperature_anchor())."""
-    return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
-                     args.norm_layout, args.generator_noise, n_classes, args.noise_time_steps,
-                     args.temperature_damping, anchor)
-
-
-def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:
-    """Conditional: the sequence's N_FEATURES channels are followed by n_classes one-hot channels."""
-    return Discriminator(N_FEATURES + n_classes, args.discriminator_dropout, args.model_scale, args.norm_layout,
-                         args.critic_norm, args.critic_readout, args.critic_residual)
+from gan_trainer_base import GANTrainerBase
+from models import build_critic, build_generator
 
 
 def build_optimizers(args: argparse.Namespace, generator: nn.Module, critic: nn.Module) -> tuple[Adam, Adam]:

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arg_parser import parse_arg  # noqa: E402
-from gan_trainer_base import unwrap  # noqa: E402
+from runtime import unwrap  # noqa: E402
 from train_lstm_gan import TrainLSTMGAN  # noqa: E402
 
 out, argv = Path(sys.argv[1]), sys.argv[2:]

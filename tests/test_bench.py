@@ -8,7 +8,7 @@ import torch
 
 import bench
 from common import UserError
-from gan_trainer_base import bf16_lstm_supported
+from runtime import bf16_lstm_supported
 
 BF16_RTOL = 2e-2   # bf16 autocast against fp32 over 3 epochs of a tiny run (measured: < 5e-3)
 

@@ -14,9 +14,13 @@ import evaluate
 import generate
 import lg_dataset
 import metrics
+import models
+import sampling
+from extensions import LevelMatching, TermSettings, generator_terms, mode_seeking_term, voltage_line
 from helpers import ROOT, SCALER, mtimes, read_losses, run_dirs, tiny_args
-from gan_trainer_base import LevelMatching, WGANGP, WGANGPSettings, mode_seeking_term, voltage_line
-from train_lstm_gan import Discriminator, Generator, main
+from models import Discriminator, Generator
+from train_lstm_gan import main
+from wgan_gp import WGANGP, WGANGPSettings
 
 ROWS = np.arange(0, 2030, 80)[:24]   # real windows from all three temperatures, in file order
 
@@ -52,7 +56,7 @@ def test_the_generator_sees_the_classes_one_hot_and_the_noise_as_without_them(no
     for g in (conditional, plain):
         g.lstm_1.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     z, classes = torch.randn(4, 50, 8), torch.tensor([0, 2, 1, 2])
-    conditional(generate.with_class_channels(z, classes, 3))
+    conditional(models.with_class_channels(z, classes, 3))
     plain(z)
     onehot = torch.nn.functional.one_hot(classes, 3).float()[:, None, :].expand(-1, 50, -1)
     assert torch.equal(seen[0][:, :, 8:], onehot)
@@ -100,9 +104,9 @@ def test_temperature_bound_run_records_its_anchor_and_generates_within_it(cond_d
     data, (classes, _) = np.load(cond_data), lg_dataset.window_classes(lg_dataset.load_sidecar(cond_data))
     assert np.allclose(centres, [data[classes == k, :, 2].mean() for k in range(3)], atol=1e-6)
     assert bound == pytest.approx(2 / (SCALER["max"][2] - SCALER["min"][2]))
-    g = generate.load_generator(config, run / "1_epoch", torch.device("cpu"))
+    g = sampling.load_generator(config, run / "1_epoch", torch.device("cpu"))
     for k in range(3):
-        fake = generate.generate(g, 6, 0, 6, torch.device("cpu"), np.full(6, k))
+        fake = sampling.generate(g, 6, 0, 6, torch.device("cpu"), np.full(6, k))
         assert np.abs(fake[:, :, 2].mean(1) - centres[k]).max() <= bound * (1 + 1e-5)   # tanh may saturate
     # a bound needs the classes
     capsys.readouterr()
@@ -228,9 +232,9 @@ def test_condition_without_a_file_index_is_refused(tiny_data, soc_model, tmp_pat
 
 
 def test_class_counts_keep_the_shares():
-    assert generate.class_counts([1, 1, 2], 8).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
-    assert np.bincount(generate.class_counts([0.3, 0.3, 0.4], 10)).tolist() == [3, 3, 4]
-    assert len(generate.class_counts([8 / 24, 9 / 24, 7 / 24], 5)) == 5
+    assert sampling.class_counts([1, 1, 2], 8).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert np.bincount(sampling.class_counts([0.3, 0.3, 0.4], 10)).tolist() == [3, 3, 4]
+    assert len(sampling.class_counts([8 / 24, 9 / 24, 7 / 24], 5)) == 5
 
 
 @pytest.mark.slow
@@ -265,8 +269,10 @@ def test_mode_seeking_pairs_share_a_class_and_push_the_generator():
         g, d = Generator(8, 3, 20, scale=0.0625, n_classes=3), Discriminator(6, scale=0.0625)
         seen = []
         g.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), torch.rand(12, 20, 3),
-                     6, 0, WGANGPSettings(mode_seeking=lam), classes=torch.tensor([0, 1, 2] * 4))
+        real, classes = torch.rand(12, 20, 3), torch.tensor([0, 1, 2] * 4)
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), real, 6, 0,
+                     WGANGPSettings(), classes=classes,
+                     extra_terms=generator_terms(TermSettings(mode_seeking=lam), real, classes))
         gan.generator_step()
         return seen[0], [p.grad.clone() for p in g.parameters()]
     z, grads = step(1.0)
@@ -290,8 +296,10 @@ def test_mode_seeking_on_voltage_pushes_only_the_voltage(on):
         def keep_grad(module, inputs, output):
             output.register_hook(seen.append)
         g.register_forward_hook(keep_grad)
-        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), torch.rand(12, 20, 3),
-                     6, 0, WGANGPSettings(mode_seeking=lam, mode_seeking_on=on), classes=torch.tensor([0, 1, 2] * 4))
+        real, classes = torch.rand(12, 20, 3), torch.tensor([0, 1, 2] * 4)
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), real, 6, 0,
+                     WGANGPSettings(), classes=classes,
+                     extra_terms=generator_terms(TermSettings(mode_seeking=lam, mode_seeking_on=on), real, classes))
         gan.generator_step()
         return seen[0]
     term = grad_on_fake(1.0) - grad_on_fake(1e-9)   # the same pairs and noise: the term's share of the gradient
@@ -398,8 +406,10 @@ def test_level_matching_changes_the_generator_step_and_zero_leaves_it():
     def grads(weight):
         torch.manual_seed(0)
         g, d = Generator(8, 3, 20, scale=0.0625, n_classes=3), Discriminator(6, scale=0.0625)
-        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), torch.rand(12, 20, 3),
-                     6, 0, WGANGPSettings(level_mmd=weight), classes=torch.tensor([0, 1, 2] * 4))
+        real, classes = torch.rand(12, 20, 3), torch.tensor([0, 1, 2] * 4)
+        gan = WGANGP(g, d, torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters()), real, 6, 0,
+                     WGANGPSettings(), classes=classes,
+                     extra_terms=generator_terms(TermSettings(level_mmd=weight), real, classes))
         gan.generator_step()
         return [p.grad.clone() for p in g.parameters()]
     plain, weighted, off = grads(1e-9), grads(10.0), grads(0.0)
@@ -501,7 +511,7 @@ def test_the_shipped_conditional_runs_keep_their_classes_and_the_cells_resistanc
     temperature as steady within the window as a cell's (range under 1 degC; real: 0.1-1.3)."""
     run = ROOT / "results" / run_name
     config = json.loads((run / "config.json").read_text())
-    g = generate.load_generator(config, run / f"{epoch}_epoch", torch.device("cpu"))
+    g = sampling.load_generator(config, run / f"{epoch}_epoch", torch.device("cpu"))
     real = np.asarray(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[:, 300:, :3], np.float64)
     sidecar = lg_dataset.load_sidecar(ROOT / "data" / "lg_600_data.npy")
     classes, names = lg_dataset.window_classes(sidecar)
@@ -510,7 +520,7 @@ def test_the_shipped_conditional_runs_keep_their_classes_and_the_cells_resistanc
         x = lg_dataset.unscale(x, sidecar["scaler"])
         return np.median(metrics.resistance_line(x[..., 0], x[..., 1])[0])
     for k, name in enumerate(names):
-        fake = generate.generate(g, 96, 0, 96, torch.device("cpu"), np.full(96, k))[:, 300:].astype(np.float64)
+        fake = sampling.generate(g, 96, 0, 96, torch.device("cpu"), np.full(96, k))[:, 300:].astype(np.float64)
         scores = metrics.class_temperature(real, classes, fake, k, sidecar["scaler"])
         assert abs(scores["t_mean_gap"]) < max_gap, (name, scores)
         if separated:

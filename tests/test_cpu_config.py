@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import evaluate
+import models
 import train_lstm_gan
 from arg_parser import PRESETS, build_parser, parse_arg
-from gan_trainer_base import CRITIC_BYTES_PER_UNIT, auto_critic_chunk, chunk_count
+from runtime import CRITIC_BYTES_PER_UNIT, auto_critic_chunk, chunk_count
 
 
 def test_preset_cpu_sets_its_defaults_and_typed_flags_win():
@@ -26,7 +27,7 @@ def test_preset_cpu_sets_its_defaults_and_typed_flags_win():
 
 def test_mixed_noise_holds_half_the_channels_for_the_whole_sequence():
     torch.manual_seed(0)
-    step, mixed = (train_lstm_gan.Generator(8, 3, 12, scale=0.02, noise=n).eval() for n in ("step", "mixed"))
+    step, mixed = (models.Generator(8, 3, 12, scale=0.02, noise=n).eval() for n in ("step", "mixed"))
     mixed.load_state_dict(step.state_dict())   # same parameters: the option changes only what the LSTMs see
     z = torch.randn(2, 12, 8)
     later_held = z.clone()
@@ -42,13 +43,13 @@ def test_mixed_noise_holds_half_the_channels_for_the_whole_sequence():
 def test_smooth_noise_is_slow_unit_noise_and_mixed_otherwise():
     torch.manual_seed(0)
     z = torch.randn(512, 300, 4)
-    slow = train_lstm_gan.ar1(z, 30)
+    slow = models.ar1(z, 30)
     assert abs(slow.std().item() - 1) < 0.05                                   # still N(0, 1) at every step
     for lag in (1, 10, 30):
         corr = (slow[:, lag:] * slow[:, :-lag]).mean().item()
         assert abs(corr - np.exp(-lag / 30)) < 0.05, lag                       # correlation exp(-lag / 30)
     assert abs((z[:, 10:] * z[:, :-10]).mean().item()) < 0.02                 # the i.i.d. input has none
-    mixed, smooth = (train_lstm_gan.Generator(8, 3, 12, scale=0.02, noise=n).eval() for n in ("mixed", "smooth"))
+    mixed, smooth = (models.Generator(8, 3, 12, scale=0.02, noise=n).eval() for n in ("mixed", "smooth"))
     smooth.load_state_dict(mixed.state_dict())
     z = torch.randn(2, 12, 8)
     held_only = z.clone()
@@ -61,20 +62,20 @@ def test_smooth_noise_is_slow_unit_noise_and_mixed_otherwise():
 def test_noise_time_steps_sets_the_smooth_noise_time_constant(monkeypatch):
     """--noise-time-steps reaches the generator's AR(1) noise (30 by default: the runs made before the flag)."""
     calls = []
-    monkeypatch.setattr(train_lstm_gan, "ar1", lambda z, steps: calls.append(steps) or z)
+    monkeypatch.setattr(models, "ar1", lambda z, steps: calls.append(steps) or z)
     z = torch.randn(2, 12, 8)
     cases = (([], 30.0), (["--preset", "cpu"], 100.0), (["--preset", "cpu", "--noise-time-steps", "7"], 7.0))
     for argv, expected in cases:
         args = parse_arg(["-gid", "8", "--generator-noise", "smooth", *argv])
         with torch.no_grad():
-            train_lstm_gan.build_generator(args, 12).eval()(z)
+            models.build_generator(args, 12).eval()(z)
         assert calls.pop() == expected
 
 
 def test_layer_critic_norm_normalises_each_step_over_features():
     torch.manual_seed(0)
-    instance = train_lstm_gan.Discriminator(3, scale=0.05)
-    layer = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer")
+    instance = models.Discriminator(3, scale=0.05)
+    layer = models.Discriminator(3, scale=0.05, norm="layer")
     layer.load_state_dict(instance.state_dict())   # parameter-free: the original's state dicts load
     x = torch.rand(2, 9, 3)
     h = x
@@ -91,8 +92,8 @@ def test_layer_critic_norm_normalises_each_step_over_features():
 
 def test_mean_and_meanstd_readouts_score_every_step():
     torch.manual_seed(0)
-    last = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer")
-    mean = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="mean")
+    last = models.Discriminator(3, scale=0.05, norm="layer")
+    mean = models.Discriminator(3, scale=0.05, norm="layer", readout="mean")
     mean.load_state_dict(last.state_dict())   # same parameters: only where the head reads
     x = torch.rand(2, 9, 3, requires_grad=True)
     h = x
@@ -106,7 +107,7 @@ def test_mean_and_meanstd_readouts_score_every_step():
     share = lambda g: (g[:, :3].abs().sum() / g.abs().sum()).item()
     assert share(g_mean) > share(g_last)
     # meanstd: the mean and the standard deviation over time of every feature go to a head twice as wide
-    spread = train_lstm_gan.Discriminator(3, scale=0.05, norm="layer", readout="meanstd")
+    spread = models.Discriminator(3, scale=0.05, norm="layer", readout="meanstd")
     assert spread.linear.in_features == 2 * last.linear.in_features
     stats = torch.cat([h.mean(1), torch.sqrt(h.var(1, unbiased=False) + 1e-8)], dim=1)
     for name in ("lstm_1", "lstm_2", "lstm_3", "lstm_4"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import generate
+import sampling
 from helpers import mtimes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +37,8 @@ def test_csv_in_physical_units_with_soc_from_the_estimator(tiny_run, soc_model, 
     # the SOC column is the estimator's label of the window ending at each kept step (steps 19..38 of 40)
     from soc_estimator import SOCEstimator
     config = json.loads((tiny_run / "config.json").read_text())
-    generator = generate.load_generator(config, tiny_run / "2_epoch", torch.device("cpu"))
-    seqs = generate.generate(generator, 5, 3, 256, torch.device("cpu"))
+    generator = sampling.load_generator(config, tiny_run / "2_epoch", torch.device("cpu"))
+    seqs = sampling.generate(generator, 5, 3, 256, torch.device("cpu"))
     soc = SOCEstimator.load(soc_model).label(seqs, window=20)   # column k: window ending at step 19 + k
     np.testing.assert_allclose(df["soc"].to_numpy().reshape(5, 20), soc[:, :20], rtol=1e-5, atol=1e-6)
     meta = json.loads(out.with_name("synthetic.csv.json").read_text())
@@ -46,13 +47,13 @@ def test_csv_in_physical_units_with_soc_from_the_estimator(tiny_run, soc_model, 
 
 def reference(run: Path, n: int, seed: int, epoch: int = 2, steps: str = "paper", device: str = "cpu"):
     config = json.loads((run / "config.json").read_text())
-    return generate.synthesize(run, config, run / f"{epoch}_epoch", n, seed, torch.device(device), steps=steps)
+    return sampling.synthesize(run, config, run / f"{epoch}_epoch", n, seed, torch.device(device), steps=steps)
 
 
 def test_real_data_round_trip_stays_in_physical_ranges():
     """The unscaling the files use maps the real training windows into the cell's physical ranges."""
     real = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::50]
-    phys = generate.to_physical(np.asarray(real), SCALER)
+    phys = sampling.to_physical(np.asarray(real), SCALER)
     assert 2.5 <= phys[..., 0].min() and phys[..., 0].max() <= 4.25        # volts
     assert -20 <= phys[..., 1].min() and phys[..., 1].max() <= 7          # amperes, discharge negative
     assert -2 <= phys[..., 2].min() and phys[..., 2].max() <= 27          # degC
@@ -87,9 +88,9 @@ def test_seed_reproduces_and_labelled_steps_cover_every_labelled_step(tiny_run, 
     np.testing.assert_allclose(full[:, :20], a, rtol=1e-6)
     # generating in batches gives the same sequences as one batch
     config = json.loads((tiny_run / "config.json").read_text())
-    g = generate.load_generator(config, tiny_run / "2_epoch", torch.device(device))
-    np.testing.assert_allclose(generate.generate(g, 5, 1, 2, torch.device(device)),
-                               generate.generate(g, 5, 1, 256, torch.device(device)), rtol=1e-5, atol=1e-6)
+    g = sampling.load_generator(config, tiny_run / "2_epoch", torch.device(device))
+    np.testing.assert_allclose(sampling.generate(g, 5, 1, 2, torch.device(device)),
+                               sampling.generate(g, 5, 1, 256, torch.device(device)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["no_run", "no_epoch", "extension", "folder", "n_zero", "no_scaler", "argparse"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gan_trainer_base import gradient_penalty
 from lean_lstm import LeanLSTM, unrolled
-from train_lstm_gan import Discriminator
+from models import Discriminator
+from wgan_gp import gradient_penalty
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,9 +110,9 @@ def test_penalty_double_backward_equals_native_cells(norm, critic_norm, device):
 
 PENALTY_BACKWARD_PEAK = """
 import sys, torch
-from gan_trainer_base import gradient_penalty
 from lean_lstm import unrolled
-from train_lstm_gan import Discriminator
+from models import Discriminator
+from wgan_gp import gradient_penalty
 
 steps, path = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)

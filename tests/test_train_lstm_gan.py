@@ -13,10 +13,12 @@ import torch
 
 import arg_parser
 import gan_trainer_base
-from gan_trainer_base import BatchSampler, gradient_penalty
+from extensions import voltage_residual
 from helpers import read_losses, run_dirs, stop_training, tiny_args
 from metrics import resistance_line
-from train_lstm_gan import Discriminator, Generator, main, normalize, voltage_residual
+from models import Discriminator, Generator, normalize
+from train_lstm_gan import main
+from wgan_gp import BatchSampler, gradient_penalty
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,7 +101,7 @@ def test_paper_layout_reproduces_the_original_reshape_quirk():
 
 
 def test_instance_norm_matches_torch_and_has_right_gradients_for_one_sample():
-    from train_lstm_gan import InstanceNorm
+    from models import InstanceNorm
     torch.manual_seed(0)
     x = torch.randn(3, 5, 1, 7)
     torch.testing.assert_close(InstanceNorm(5)(x), torch.nn.InstanceNorm2d(5)(x))
@@ -500,8 +502,8 @@ def test_ctrl_c_finishes_the_epoch_and_checkpoints_it(tiny_data, soc_model, tmp_
 PENALTY_PEAK = """
 import sys, torch
 import common
-from gan_trainer_base import gradient_penalty
-from train_lstm_gan import Discriminator
+from models import Discriminator
+from wgan_gp import gradient_penalty
 
 def status_kb(key):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
@@ -538,8 +540,8 @@ def test_heap_cap_bounds_the_gradient_penalty_memory():
 
 CHUNKED_HEAP = """
 import torch
-from gan_trainer_base import WGANGP, WGANGPSettings
-from train_lstm_gan import Discriminator, Generator
+from models import Discriminator, Generator
+from wgan_gp import WGANGP, WGANGPSettings
 
 G, D = Generator(8, 3, 20, scale=0.0625), Discriminator(3, scale=0.0625)
 def threshold(batch, chunk):
