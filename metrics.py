@@ -93,6 +93,9 @@ METRIC_DOCS = {
     "discriminative_score": "lower: |accuracy - 0.5| of a post-hoc 2-layer GRU classifier, real vs synthetic, "
                             "on held-out 20 % (TimeGAN protocol); 0 = indistinguishable, 0.5 = trivially told apart",
     "discriminative_accuracy": "closer to 0.5 is better: the held-out accuracy behind discriminative_score",
+    "discriminative_n": "sequences per side behind discriminative_score (at most max_seq; the CPU preset's snapshots "
+                        "have 32): under 100 the score is for watching, not a claim; realism.py's scores (gradient-"
+                        "boosted trees and a GRU sized for the task, with their real-vs-real floors) use 1000",
     "predictive_mae": "lower: TimeGAN predictive score: a 2-layer GRU trained on synthetic sequences to predict "
                       "every feature of the next step, MAE on real sequences (scaled units)",
     "predictive_mae_real": "reference: the same predictor trained on other real sequences (train-on-real floor)",
@@ -333,7 +336,8 @@ def discriminative_score(real: np.ndarray, fake: np.ndarray, seed: int, device: 
                          hidden: int = 32, batch_size: int = 32, lr: float = 1e-2,
                          max_seq: int = 1000) -> dict[str, float]:
     """TimeGAN's discriminative score: a post-hoc 2-layer GRU learns real (1) vs synthetic (0) on 80 % of a
-    balanced sample; score = |held-out accuracy - 0.5|."""
+    balanced sample; score = |held-out accuracy - 0.5|. Small and quick, for the trainer's snapshots: it says
+    its sample size (discriminative_n, per side); realism.py holds the scores that can tell."""
     rng = np.random.default_rng(seed)
     n = min(len(real), len(fake), max_seq)
     real, fake = subsample(real, n, rng)[rng.permutation(n)], subsample(fake, n, rng)[rng.permutation(n)]
@@ -348,7 +352,7 @@ def discriminative_score(real: np.ndarray, fake: np.ndarray, seed: int, device: 
             torch.Generator().manual_seed(seed))
         guess = (predict(model, x_test)[:, 0] > 0).cpu().numpy()
     acc = float((guess == y_test).mean()) if len(y_test) else 0.5
-    return {"discriminative_score": abs(acc - 0.5), "discriminative_accuracy": acc}
+    return {"discriminative_score": abs(acc - 0.5), "discriminative_accuracy": acc, "discriminative_n": float(n)}
 
 
 def predictive_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torch.device, epochs: int = 20,

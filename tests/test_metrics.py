@@ -155,6 +155,8 @@ def test_discriminative_score_near_zero_for_real_and_high_for_bad(sets):
     good = metrics.discriminative_score(sets["real"], sets["held_out"], **kw)
     assert good["discriminative_score"] <= 0.15
     assert good["discriminative_score"] == pytest.approx(abs(good["discriminative_accuracy"] - 0.5))
+    assert good["discriminative_n"] == 150.0   # it says its sample size (per side)
+    assert metrics.discriminative_score(sets["real"], sets["held_out"][:40], **kw)["discriminative_n"] == 40.0
     for bad in ("shuffled", "constant"):
         assert metrics.discriminative_score(sets["real"], sets[bad], **kw)["discriminative_score"] >= 0.3, bad
 
