@@ -7,10 +7,19 @@ of 0.2 (the LAST 20 % of the windows, as Keras' validation_split takes them). Fa
 
     python train_soc_estimator.py --raw-dir /path/to/lg_hg2            # paper schedule (days on a CPU)
     python train_soc_estimator.py --raw-dir ... --lr 1e-3 --lr-decay cosine --epochs 40 --threads 1
+
+On generate.py's output (--train-data: .npy, .csv or .parquet with its .json sidecar, physical units or --scaled),
+alone (validated on the last --val-split of its windows, tested on --test-data) or with real cycles (--raw-dir:
+validated on the last --val-split of the real training windows, as without --train-data, tested on the raw test
+files; --real-fraction F or --real-windows N of the other real training windows join the synthetic ones):
+
+    python train_soc_estimator.py --train-data synthetic.parquet --lr 1e-3 --epochs 30 --hidden 64
+    python train_soc_estimator.py --train-data synthetic.parquet --raw-dir ... --real-fraction 0.1
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -23,7 +32,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 import lg_dataset
-from common import OneLineParser, atomic_write, cli, int_at_least, resolve_device
+from common import OneLineParser, UserError, atomic_write, cli, int_at_least, resolve_device
+from metrics import soc_windows
 from soc_estimator import SOCLSTM, SOCModelError, load_keras_h5, save_keras_h5
 
 
@@ -223,12 +233,158 @@ def missing_test_files(index: list[dict]) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
+# generate.py's output as training windows
+
+ID_COLUMNS = ("sequence", "step")   # generate.py's long format: one row per (sequence, step)
+
+
+def sidecar_of(path: Path) -> Path:
+    """generate.py writes <output>.json next to <output> (synthetic.parquet -> synthetic.parquet.json)."""
+    return path.with_name(path.name + ".json")
+
+
+def read_generated(path: str | Path) -> tuple[np.ndarray, dict]:
+    """generate.py's output -> (float64 [n, L, 4] V, I, T, SOC as written, its sidecar). Refuses (one line) a
+    missing file or sidecar, an unknown format, columns other than the sidecar's, ragged sequences, NaN/inf."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: synthetic data not found; pass the output of python generate.py -o FILE")
+    side_path = sidecar_of(path)
+    try:
+        side = json.loads(side_path.read_text())
+        columns, scaled = list(side["columns"]), bool(side["scaled"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: its sidecar {side_path.name} is missing or lacks 'columns' and 'scaled'; keep "
+                        f"the .json that generate.py wrote next to it") from None
+    if len(columns) != 4 or (side.get("scaler") is None and not scaled):
+        raise UserError(f"{side_path}: expected 4 columns (V, I, T, SOC) and a scaler, got {columns}; regenerate "
+                        f"with python generate.py")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            raise UserError(f"{path}: damaged or not a numeric .npy array; regenerate it") from None
+        if x.ndim != 3 or x.shape[2] != 4:
+            raise UserError(f"{path}: shape {x.shape}, expected [n, L, 4] (V, I, T, SOC); regenerate it")
+    elif suffix in (".csv", ".parquet"):
+        x = long_to_array(path, columns)
+    else:
+        raise UserError(f"{path}: unknown format {suffix or '(none)'}; pass generate.py's .npy, .csv or .parquet")
+    x = x.astype(np.float64)
+    bad = ~np.isfinite(x).all(axis=(1, 2))
+    if bad.any():
+        raise UserError(f"{path}: {int(bad.sum())} of {len(x)} sequences hold NaN/inf (a diverged generator); "
+                        f"drop them or generate from another epoch")
+    if len(x) == 0:
+        raise UserError(f"{path}: no sequences; generate some with python generate.py -n N")
+    return x, side
+
+
+def long_to_array(path: Path, columns: list[str]) -> np.ndarray:
+    """generate.py's long table (one row per sequence and step) -> [n, L, 4] in the sidecar's column order."""
+    import pandas as pd
+    try:
+        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    except Exception as err:   # pandas and pyarrow raise many types for a damaged file
+        raise UserError(f"{path}: unreadable ({type(err).__name__}); regenerate it") from None
+    missing = [c for c in (*ID_COLUMNS, *columns) if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: columns {missing} missing (has {list(table.columns)}); pass generate.py's "
+                        f"output with its own sidecar")
+    table = table.sort_values(list(ID_COLUMNS), kind="stable")
+    counts = table.groupby("sequence", sort=True).size().to_numpy()
+    if len(counts) == 0 or (counts != counts[0]).any():
+        raise UserError(f"{path}: sequences of unequal length ({counts.min() if len(counts) else 0}.."
+                        f"{counts.max() if len(counts) else 0} steps); pass generate.py's output unchanged")
+    try:
+        values = table[columns].to_numpy(np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: non-numeric values in {columns}; regenerate it") from None
+    return values.reshape(len(counts), counts[0], 4)
+
+
+def generated_windows(path: str | Path, window: int, scaler: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """generate.py's output -> (X float32 [m, window, 3] V, I, T scaled with `scaler` (the estimator's), y [m] SOC
+    at each window's last step, what was read). Windows of `window` steps at stride `window`, aligned to each
+    sequence's end (as metrics.soc_windows); the values go to physical units with the file's own scaler and back
+    with the estimator's, so data scaled by another run's scaler still reads right."""
+    path = Path(path)
+    x, side = read_generated(path)
+    if x.shape[1] < window:
+        raise UserError(f"{path}: sequences of {x.shape[1]} steps are shorter than the {window}-step window; "
+                        f"pass a smaller --window or generate with --steps labelled")
+    own = side.get("scaler")
+    if side["scaled"] and own is not None:
+        x = lg_dataset.unscale(x, own)
+    if not side["scaled"] or own is not None:
+        x = lg_dataset.scale(x, scaler)
+    w = soc_windows(x, window)
+    info = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "sidecar": {k: side.get(k) for k in ("run", "epoch", "seed", "soc", "scaled", "steps", "n_sequences")},
+            "sequences": len(x), "steps": int(x.shape[1]), "windows": len(w)}
+    return np.ascontiguousarray(w[..., :3], np.float32), np.ascontiguousarray(w[:, -1, 3], np.float32), info
+
+
+def real_share(args: argparse.Namespace, n_available: int) -> int:
+    """How many real training windows join the synthetic ones: --real-windows N, or --real-fraction F of them."""
+    if args.real_windows is not None:
+        if args.real_windows > n_available:
+            raise UserError(f"{args.raw_dir}: --real-windows {args.real_windows}, but only {n_available} real "
+                            f"training windows are left besides the validation split; pass at most that")
+        return args.real_windows
+    return round((args.real_fraction or 0.0) * n_available)
+
+
+def mixed_training_data(args: argparse.Namespace) -> tuple:
+    """--train-data (with --raw-dir: validation and test on real cycles, a real share beside the synthetic windows)
+    -> (Xtr, ytr, Xval, yval, what was trained on, test tuple). Every input read before the first write."""
+    if (args.real_fraction is not None or args.real_windows is not None) and not args.raw_dir:
+        raise UserError(f"{args.train_data}: --real-fraction / --real-windows need --raw-dir <LG folder> (the real "
+                        f"training cycles)")
+    if args.raw_dir:
+        X, y, tr_index, test = read_raw_dir(args)
+        k = int(len(X) * (1 - args.val_split))   # validation as without --train-data: the last real windows
+        Xs, ys, info = generated_windows(args.train_data, args.window, test[3])
+        n_real = real_share(args, k)
+        pick = np.sort(np.random.default_rng(args.seed).permutation(k)[:n_real])
+        Xtr, ytr = np.concatenate([Xs, X[pick]]), np.concatenate([ys, y[pick]])
+        Xval, yval = X[k:], y[k:]
+        info.update(real_files=[it["file"] for it in tr_index], validation="the last "
+                    f"{args.val_split:g} of the real training windows")
+    else:
+        test = load_test_data(args, None)
+        Xs, ys, info = generated_windows(args.train_data, args.window, test[3])
+        k = int(len(Xs) * (1 - args.val_split))   # as Keras' validation_split: the last synthetic windows
+        Xtr, ytr, Xval, yval, n_real = Xs[:k], ys[:k], Xs[k:], ys[k:], 0
+        info.update(validation=f"the last {args.val_split:g} of the synthetic windows")
+    n_syn = len(Xtr) - n_real
+    if len(Xtr) < 1:
+        raise UserError(f"{args.train_data}: no training windows left after the validation split; generate more "
+                        f"sequences or lower --val-split")
+    info.update(synthetic_windows=n_syn, real_windows=n_real, real_fraction=args.real_fraction,
+                real_share=n_real / len(Xtr))
+    return Xtr, ytr, Xval, yval, info, test
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (the share of windows kept for validation), got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of the real training windows used), "
+                                         f"got {text}")
     return value
 
 
@@ -254,6 +410,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evaluate", metavar="MODEL", help="no training: test metrics and plots of a Keras model file")
     p.add_argument("--test-data", default="data/lg_test_300_data.npy",
                    help="shipped test windows, used when --raw-dir is not given")
+    p.add_argument("--train-data", metavar="FILE", help="train on generate.py's output (.npy, .csv or .parquet with "
+                   "its .json sidecar; physical units or --scaled) instead of real cycles, or beside them")
+    real = p.add_mutually_exclusive_group()
+    real.add_argument("--real-fraction", type=_share, metavar="F", help="with --train-data and --raw-dir: this "
+                      "share of the real training windows (drawn with --seed) joins the synthetic ones (default 0)")
+    real.add_argument("--real-windows", type=int_at_least(0), metavar="N",
+                      help="with --train-data and --raw-dir: N real training windows join the synthetic ones")
+    p.add_argument("--hidden", type=int_at_least(2), default=256,
+                   help="LSTM and dense width of the estimator (the paper: 256)")
     p.add_argument("--window", type=int_at_least(1), default=300)
     p.add_argument("--stride", type=int_at_least(1), default=300, help="training window stride")
     p.add_argument("--test-stride", type=int_at_least(1), default=300)
@@ -312,26 +477,41 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     device, _ = resolve_device(args.device)
     out = output_path(args)
     plots = Path(args.plots_dir) if args.plots_dir else out.parent / "test_cycles"
+    if args.evaluate and args.train_data:
+        raise UserError(f"{args.evaluate}: --evaluate tests a model, --train-data trains one; pass one of them")
     if args.evaluate:
         model = load_keras_h5(args.evaluate).to(device)
         Xte, yte, index, scaler = load_test_data(args, None)
         ck, side = None, {}
     else:
-        X, y, tr_index, (Xte, yte, index, scaler) = read_raw_dir(args)   # every input before the first write
-        k = int(len(X) * (1 - args.val_split))  # Keras' validation_split: the last fraction, before shuffling
-        print(f"{len(X)} training windows ({k} train, {len(X) - k} validation), device {device}, "
-              f"{torch.get_num_threads()} threads", flush=True)
-        model = (load_keras_h5(args.init) if args.init else SOCLSTM()).to(device)
+        if args.train_data:
+            Xtr, ytr, Xval, yval, trained_on, (Xte, yte, index, scaler) = mixed_training_data(args)
+            print(f"{len(Xtr)} training windows ({trained_on['synthetic_windows']} synthetic, "
+                  f"{trained_on['real_windows']} real), {len(Xval)} validation ({trained_on['validation']}), "
+                  f"device {device}, {torch.get_num_threads()} threads", flush=True)
+            tr_files = trained_on.get("real_files", [])
+        else:
+            if args.real_fraction is not None or args.real_windows is not None:
+                raise UserError("--real-fraction / --real-windows choose the real share beside --train-data; pass "
+                                "--train-data FILE, or drop them to train on the real cycles alone")
+            X, y, tr_index, (Xte, yte, index, scaler) = read_raw_dir(args)   # every input before the first write
+            k = int(len(X) * (1 - args.val_split))  # Keras' validation_split: the last fraction, before shuffling
+            Xtr, ytr, Xval, yval, trained_on = X[:k], y[:k], X[k:], y[k:], None
+            tr_files = [it["file"] for it in tr_index]
+            print(f"{len(X)} training windows ({k} train, {len(X) - k} validation), device {device}, "
+                  f"{torch.get_num_threads()} threads", flush=True)
+        model = (load_keras_h5(args.init) if args.init else SOCLSTM(hidden=args.hidden)).to(device)
         cfg = {key: getattr(args, key) for key in ("lr", "lr_decay", "min_lr", "step_every", "gamma", "epochs",
                                                    "patience", "batch_size", "seed", "average_from")}
         ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.pt")
         check_checkpoint_path(ckpt, args)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        ck = train(model, X[:k], y[:k], X[k:], y[k:], cfg, ckpt, device, resume=args.resume,
+        ck = train(model, Xtr, ytr, Xval, yval, cfg, ckpt, device, resume=args.resume,
                    log=lambda s: print(s, flush=True))
         save_keras_h5(model.cpu(), out)
         model.to(device)
-        side = {"train_files": [it["file"] for it in tr_index], "train_windows": k, "val_windows": len(X) - k,
+        side = {"train_files": tr_files, "train_windows": len(Xtr), "val_windows": len(Xval),
+                "trained_on": trained_on or {"raw_dir": args.raw_dir},
                 "config": cfg, "init": args.init, "epochs_run": ck["epoch"], "best_epoch": ck["best_epoch"],
                 "best_source": ck.get("best_source"),
                 "best_val_loss": ck["best_val"], "history": ck["history"]}
@@ -347,8 +527,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     plot_test_cycles(pred, yte, index, args.test_stride, args.window, m, plots)
     if args.evaluate:
         return m
-    side.update({"model": out.name, "architecture": "LSTM(256, selu, seq) - LSTM(256, selu) - Dense(256, selu) - "
-                 "Dense(128, selu) - Dense(1)", "input": "scaled voltage, current, temperature",
+    h = model.hidden
+    side.update({"model": out.name, "architecture": f"LSTM({h}, selu, seq) - LSTM({h}, selu) - Dense({h}, selu) - "
+                 f"Dense({h // 2}, selu) - Dense(1)", "input": "scaled voltage, current, temperature",
                  "window": args.window, "train_stride": args.stride, "test_stride": args.test_stride,
                  "scaler": scaler, "test_files": [it["file"] for it in index], "missing_test_files": missing,
                  "test_metrics": m, "data": lg_dataset.CITATION, "device": str(device),
