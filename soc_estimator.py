@@ -11,6 +11,20 @@ recurrent_kernel [u, 4u], bias [4u]) so that loading and saving Keras files is a
 
 Keras files are read and written with h5py alone: importing this module never imports TensorFlow or Keras. The
 optional Keras backend (SOCEstimator.load(..., backend="keras")) imports Keras only when asked for.
+
+Two labellings of a sequence [n, T, 3]:
+- label() (the paper's, the default): the estimator's reading at every step from window-1 on, [n, T - window + 1].
+- fused_labels(): every step, [n, T], SOC_t = s0 + the charge counted from the current up to step t (counted_soc:
+  physical units from the data's scaler, dt 0.1 s, Q of the nearest temperature class's capacity_ah); s0 the
+  median of 4 readings' (reading - counted charge), the readings evenly spaced from step window-1 to T-1; plus the
+  readings' root-mean-square spread about s0 per sequence. On 2030 real training windows 0.81x the per-step labels'
+  RMSE from the true SOC, from 4 windows through the network instead of T - window + 1
+  (docs/experiments/2026-12-08-fused-labels.md).
+
+Command line: `python soc_estimator.py --input windows.npy --output soc.npy` writes label()'s [n, T - window + 1];
+with `--labels fused --data data/lg_600_data.json` (the data's sidecar, or a run's config.json: the scaler with
+capacity_ah) it writes fused_labels()'s [n, T] to soc.npy and the spread, float32 [n] in SOC units, to
+soc.spread.npy.
 """
 from __future__ import annotations
 
@@ -288,6 +302,69 @@ def save_keras_h5(model: SOCLSTM, path: str | Path) -> None:
 
 
 # -----------------------------------------------------------------------------
+# charge counting: how far the current moves the SOC, in physical units from the data's scaler
+
+STEP_S = 0.1   # seconds per step (the LG data's 10 Hz)
+
+
+def check_scaler(scaler, source) -> None:
+    """Raise SOCModelError (naming source, e.g. the sidecar's path) unless scaler holds what charge counting needs:
+    min and max of V, I, T and capacity_ah per temperature class ("0degC": Ah, ...)."""
+    fix = "pass the data's .json sidecar (e.g. data/lg_600_data.json), whose scaler records capacity_ah"
+    if not isinstance(scaler, dict):
+        raise SOCModelError(f"{source}: no scaler; {fix}")
+    for key in ("min", "max"):
+        v = scaler.get(key)
+        if not (isinstance(v, list) and len(v) >= 3 and all(isinstance(a, (int, float)) for a in v[:3])):
+            raise SOCModelError(f"{source}: the scaler's {key!r} is not a list of V, I, T values; {fix}")
+    if not scaler["max"][1] > scaler["min"][1]:
+        raise SOCModelError(f"{source}: the scaler's current range is empty; {fix}")
+    cap = scaler.get("capacity_ah")
+    if not isinstance(cap, dict) or not cap:
+        raise SOCModelError(f"{source}: the scaler has no capacity_ah; {fix}")
+    for k, q in cap.items():
+        try:
+            float(str(k).removesuffix("degC"))
+        except ValueError:
+            raise SOCModelError(f"{source}: capacity_ah key {k!r} is not a temperature like '25degC'; {fix}") from None
+        if not (isinstance(q, (int, float)) and np.isfinite(q) and q > 0):
+            raise SOCModelError(f"{source}: capacity_ah[{k!r}] = {q!r} is not a capacity in Ah > 0; {fix}")
+
+
+def sequence_capacity_ah(sequences: np.ndarray, scaler: dict) -> np.ndarray:
+    """Scaled V, I, T sequences [n, T, >=3] -> [n] float64 capacity Q (Ah) of each: the scaler's capacity_ah of the
+    temperature class nearest the sequence's mean temperature (NaN where that mean is not finite)."""
+    lo, hi = float(scaler["min"][2]), float(scaler["max"][2])
+    temp = np.asarray(sequences)[..., 2].astype(np.float64).mean(1) * (hi - lo) + lo
+    classes = sorted((float(str(k).removesuffix("degC")), float(q)) for k, q in scaler["capacity_ah"].items())
+    centres, q = np.array([c for c, _ in classes]), np.array([q for _, q in classes])
+    nearest = np.abs(np.nan_to_num(temp, nan=0.0)[:, None] - centres).argmin(1)
+    return np.where(np.isfinite(temp), q[nearest], np.nan)
+
+
+def counted_soc(sequences: np.ndarray, scaler: dict, step_s: float = STEP_S) -> np.ndarray:
+    """Scaled V, I, T sequences [n, T, >=3] -> [n, T] float64: the charge counted from step 0 to step t, in SOC
+    units, sum over k < t of I_k * step_s / (3600 Q) (I in A, discharge negative; Q from sequence_capacity_ah).
+    Column 0 is 0. The same count as metrics.coulomb_gap, so labels made from it have no coulomb gap."""
+    lo, hi = float(scaler["min"][1]), float(scaler["max"][1])
+    current = np.asarray(sequences)[..., 1].astype(np.float64) * (hi - lo) + lo
+    charge = np.zeros(current.shape, np.float64)
+    np.cumsum(current[:, :-1] * step_s, axis=1, out=charge[:, 1:])
+    return charge / (3600.0 * sequence_capacity_ah(sequences, scaler))[:, None]
+
+
+FUSED_READINGS = 4   # estimator readings per sequence for fused labels (chosen: docs/experiments/2026-12-08-fused-labels.md)
+
+
+def reading_steps(steps: int, window: int, readings: int) -> np.ndarray:
+    """The steps t_k whose windows give the fused labels' readings: `readings` steps evenly spaced from the first
+    labellable step (window - 1) to the last (steps - 1), both included; fewer where the sequence has fewer."""
+    if readings < 1:
+        raise SOCModelError(f"readings {readings}: need at least one estimator reading per sequence")
+    return np.unique(np.linspace(window - 1, steps - 1, readings).round().astype(int))
+
+
+# -----------------------------------------------------------------------------
 # labelling: the public entry point for the trainer, generate.py, evaluation and users
 
 def _keras_lstm_without_time_major():
@@ -407,6 +484,40 @@ class SOCEstimator:
                 flat[s:s + len(idx)] = self._predict(batch.contiguous(), graph_shape)
         return out
 
+    def fused_labels(self, sequences: np.ndarray, scaler: dict, window: int = 300, readings: int = FUSED_READINGS,
+                     batch_size: int = 2048, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Fused labels: SOC at every step that obeys charge counting, its level from a few estimator readings.
+        sequences float [n, T, 3] scaled V, I, T -> (soc float32 [n, T], spread float32 [n]):
+        soc[:, t] = s0 + counted_soc[:, t], s0 the median over the readings k of (reading_k - counted_soc[:, t_k]),
+        reading_k the estimator's SOC for the window ending at step t_k (steps from reading_steps); spread: the root
+        mean square of the readings' levels about s0, in SOC units (0 with one reading): how far the estimator
+        disagrees with the charge count, one disagreeing reading included (the median ignores it, the spread must
+        not). A row with NaN/inf gets NaN labels and NaN spread (a diverged generator's sequence is not an error);
+        shapes are checked as label() checks them."""
+        seq = np.asarray(sequences)
+        if seq.ndim != 3 or seq.shape[2] != self.n_features:
+            raise SOCModelError(f"{self.path}: sequences have shape {seq.shape}, expected [n, T, "
+                                f"{self.n_features}] (scaled V, I, T)")
+        if not 1 <= window <= seq.shape[1]:
+            raise SOCModelError(f"{self.path}: window {window} does not fit sequences of {seq.shape[1]} steps; "
+                                f"use a window between 1 and {seq.shape[1]}")
+        n, T, _ = seq.shape
+        soc, spread = np.full((n, T), np.nan, np.float32), np.full(n, np.nan, np.float32)
+        ok = np.isfinite(seq).all((1, 2))
+        if not ok.any():
+            return soc, spread
+        good = seq[ok]
+        steps = reading_steps(T, window, readings)
+        counted = counted_soc(good, scaler)
+        # each reading is one window of label(): the same network and batching, on the window ending at t_k
+        read = np.concatenate([self.label(good[:, t - window + 1:t + 1], window, batch_size, progress)
+                               for t in steps], 1).astype(np.float64)
+        level = read - counted[:, steps]
+        s0 = np.median(level, 1)
+        soc[ok] = s0[:, None] + counted
+        spread[ok] = np.sqrt(np.mean((level - s0[:, None]) ** 2, 1))
+        return soc, spread
+
 
 # -----------------------------------------------------------------------------
 # command line: label a .npy of sequences, or measure labelling throughput
@@ -435,11 +546,41 @@ def read_sequences(path: str) -> np.ndarray:
                             f"with numpy.save as float [n, T, >=3]") from None
 
 
+def read_scaler(path: str) -> dict:
+    """The scaler (with capacity_ah) from a data sidecar .json, the sidecar of a data .npy, or a run's config.json."""
+    src = Path(path)
+    if src.suffix == ".npy":
+        src = src.with_suffix(".json")
+    fix = "pass the data's .json sidecar, e.g. --data data/lg_600_data.json"
+    try:
+        meta = json.loads(src.read_text())
+    except FileNotFoundError:
+        raise SOCModelError(f"{src}: not found; {fix}") from None
+    except (OSError, ValueError) as e:
+        raise SOCModelError(f"{src}: not readable as JSON ({type(e).__name__}); {fix}") from None
+    scaler = meta.get("scaler") if isinstance(meta, dict) else None
+    check_scaler(scaler, src)
+    return scaler
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="soc_estimator.py", description="Label scaled V,I,T sequences with the LSTM SOC estimator.")
+    p = OneLineParser(prog="soc_estimator.py", description="Label scaled V,I,T sequences with the LSTM SOC estimator. "
+                      "--labels estimator (the paper): the estimator's reading at every step from window-1 on, "
+                      "[n, T - window + 1]. --labels fused: every step, [n, T], the label's change from step to "
+                      "step the charge counted from the current, its level the median of --readings estimator "
+                      "readings; the readings' spread about that level (root mean square, SOC units) is "
+                      "written to <output>.spread.npy, float32 [n] (NaN rows of the input are refused).")
     p.add_argument("--model", default="soc_models/lg_positive_temp_300_steps.h5")
     p.add_argument("--input", help=".npy float [n, T, >=3]: columns 0..2 = scaled V, I, T")
-    p.add_argument("--output", help=".npy to write: float32 [n, T - window + 1] SOC in [0, 1]")
+    p.add_argument("--output", help=".npy to write: float32 SOC, [n, T - window + 1] (estimator) or [n, T] (fused; "
+                                    "the spread [n] goes to <output stem>.spread.npy)")
+    p.add_argument("--labels", choices=["estimator", "fused"], default="estimator",
+                   help="estimator: the paper's per-step readings (default); fused: charge counting + readings")
+    p.add_argument("--data", metavar="JSON", help="fused: the data's .json sidecar (or a run's config.json) whose "
+                                                  "scaler gives physical units and capacity_ah per temperature")
+    p.add_argument("--readings", type=int_at_least(1), default=FUSED_READINGS,
+                   help=f"fused: estimator readings per sequence, evenly spaced from step window-1 to the last "
+                        f"(default {FUSED_READINGS})")
     p.add_argument("--window", type=int_at_least(1), default=300)
     p.add_argument("--batch-size", type=int_at_least(1), default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -452,26 +593,56 @@ def main(argv: list[str] | None = None) -> int:
     return cli(lambda: label_command(a))
 
 
+def check_input(path: str, seq: np.ndarray, n_features: int, window: int) -> None:
+    """The command's refusals of its input, naming the file."""
+    if seq.ndim != 3 or seq.shape[2] < n_features or not np.issubdtype(seq.dtype, np.number):
+        raise SOCModelError(f"{path}: shape {seq.shape} ({seq.dtype}), expected float [n, T, >={n_features}] "
+                            f"(scaled V, I, T first); save the sequences as such")
+    if seq.shape[0] == 0:
+        raise SOCModelError(f"{path}: holds no sequences; pass at least one")
+    if seq.shape[1] < window:
+        raise SOCModelError(f"{path}: sequences of {seq.shape[1]} steps are shorter than the {window}-step window; "
+                            f"pass longer sequences or a smaller --window")
+    bad = ~np.isfinite(seq[..., :n_features]).all((1, 2))
+    if bad.any():
+        raise SOCModelError(f"{path}: {int(bad.sum())} sequence(s) hold NaN/inf (first: row {int(bad.argmax())}); "
+                            f"drop or clean those rows first")
+
+
+def spread_path(out: Path) -> Path:
+    """Where --labels fused writes the spread: soc.npy -> soc.spread.npy."""
+    return out.with_name(out.stem + ".spread.npy")
+
+
 def label_command(a: argparse.Namespace) -> None:
     if not a.bench and (not a.input or not a.output):
         raise SOCModelError("--input and --output are required (or --bench N)")
+    if a.labels == "fused" and not a.bench and not a.data:
+        raise SOCModelError("--labels fused needs --data: the data's .json sidecar with the scaler and capacity_ah, "
+                            "e.g. --data data/lg_600_data.json")
     out = None
     if not a.bench:   # every input checked before the model runs
         out = Path(a.output if a.output.endswith(".npy") else a.output + ".npy")
         if not out.parent.is_dir():
             raise SOCModelError(f"{out.parent}: output folder does not exist; create it first")
         seq = read_sequences(a.input)
+        scaler = read_scaler(a.data) if a.labels == "fused" else None
     if a.threads:
         torch.set_num_threads(a.threads)
     est = SOCEstimator.load(a.model, a.device, a.backend)
     if a.bench:
         print(json.dumps(bench(est, a.bench, a.bench_steps, a.window, a.batch_size)))
         return
-    if seq.ndim == 3 and seq.shape[2] > est.n_features:
-        seq = seq[..., :est.n_features]  # e.g. [n, T, 4] V, I, T, SOC data: label from V, I, T
-    labels = est.label(seq, a.window, a.batch_size, progress=True)
-    atomic_npy(out, labels)
-    print(f"wrote {out}")
+    check_input(a.input, seq, est.n_features, a.window)
+    seq = seq[..., :est.n_features]  # e.g. [n, T, 4] V, I, T, SOC data: label from V, I, T
+    if a.labels == "estimator":
+        atomic_npy(out, est.label(seq, a.window, a.batch_size, progress=True))
+        print(f"wrote {out}")
+        return
+    soc, spread = est.fused_labels(seq, scaler, a.window, a.readings, a.batch_size)
+    atomic_npy(spread_path(out), spread)
+    atomic_npy(out, soc)
+    print(f"wrote {out} and {spread_path(out)}")
 
 
 if __name__ == "__main__":
