@@ -1,7 +1,7 @@
-"""The WGAN-GP of the paper and the loop that trains it: WGANGP (the critic and generator steps with the gradient
-penalty, built from tensors and WGANGPSettings, no files) and GANTrainerBase (device, data, SOC estimator,
-resume, the run folder through RunDir, the epoch snapshot and the loop). A subclass supplies the networks and
-their optimizers."""
+"""The loop that trains a GAN of this project: GANTrainerBase opens or resumes a run (run_dir.RunDir), trains its
+epochs with wgan_gp.WGANGP, writes losses, snapshots and checkpoints, and stops cleanly at a signal; a subclass
+supplies the networks and their optimizers. Beside it: what a run starts from (resume, --init-from, SOC model,
+classes) and what it records (config.json, the snapshot's evaluation, the checks before the first epoch)."""
 import argparse
 import json
 import platform
@@ -24,8 +24,8 @@ from common import UserError, project_default, resolve_device, sha256
 from extensions import TermSettings, generator_terms
 from lg_dataset import LGDataset, data_classes, load_sidecar
 from run_dir import RunDir, read_network
-from runtime import (any_rank, init_distributed, pick_critic_chunk, rng_state, seed_everything, set_rng_state,
-                     shared_seed, unwrap)
+from runtime import (all_rng_states, any_rank, init_distributed, pick_critic_chunk, rng_state, seed_everything,
+                     set_rng_state, shared_seed, unwrap)
 from sampling import labelled_sequences, real_steps
 from soc_estimator import SOCEstimator
 from wgan_gp import WGANGP, WGANGPSettings
@@ -40,22 +40,8 @@ MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
 
 
-def say_projection(trainer: "GANTrainerBase", epoch: int, seconds: float) -> None:
-    """After the first epoch: what the whole run will take here, before the user waits days for it."""
-    if epoch != trainer.start_epoch + 1:
-        return
-    a = trainer.args
-    total = seconds * (a.gan_epochs - trainer.start_epoch)
-    when = f"{total / 86400:.1f} days" if total >= 86400 else f"{total / 3600:.1f} h"
-    print(f"first epoch: {seconds:.1f} s of training; {a.gan_epochs - trainer.start_epoch} epochs at this pace: "
-          f"{when} (snapshots every -s {a.save_epoch_interval} epochs come on top)", flush=True)
-    if total >= 86400 and trainer.device.type == "cpu":
-        print("note: this is the paper's GPU configuration; on a CPU, --preset cpu trains a smaller network "
-              "sized for it (see README)", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# the trainer
+# what a run starts from
 
 def resolve_soc_model(args: argparse.Namespace) -> Path:
     """-socmp/-socm, or the model shipped in soc_models/ when the authors' default file is absent."""
@@ -71,6 +57,14 @@ def resolve_soc_model(args: argparse.Namespace) -> Path:
         print(f"notice: {path} (the authors' SOC model) is absent; using {SHIPPED_SOC_MODEL}")
         return SHIPPED_SOC_MODEL
     raise UserError(f"{path}: SOC estimator model not found; check -socmp/-socm")
+
+
+def resolve_notebook(args: argparse.Namespace) -> Path:
+    """-n: the result notebook copied into the run folder (the project's own when started from elsewhere)."""
+    notebook = project_default(args.result_notebook, build_parser().get_default("result_notebook"))
+    if not notebook.is_file():
+        raise UserError(f"{args.result_notebook}: result notebook not found; pass an existing notebook with -n")
+    return notebook
 
 
 def load_snapshot(gan: "WGANGP", folder: Path) -> None:
@@ -110,7 +104,34 @@ def resume_args(run: RunDir, argv: list[str] | None, world: int) -> tuple[argpar
     return args, checkpoint
 
 
+def condition_classes(condition: str, data_path: Path, n: int) -> tuple[torch.Tensor | None, list[str]]:
+    """--condition temperature: each window's ambient temperature class, from the data sidecar's file_index
+    (which windows come from which file) -> (int64 [n], class names); (None, []) when unconditional."""
+    if condition == "none":
+        return None, []
+    classes, names = data_classes(data_path, n)
+    return torch.from_numpy(classes), names
+
+
+def temperature_anchor(real: np.ndarray, classes: torch.Tensor | None, n_classes: int, scaler: dict | None,
+                       args: argparse.Namespace, data_path: Path) -> tuple[list[float], float] | None:
+    """--temperature-bound: (each class's real mean temperature, the bound), in the data's scaled units."""
+    if not args.temperature_bound:
+        return None
+    if classes is None or scaler is None:
+        raise UserError(f"--temperature-bound {args.temperature_bound}: bounds each temperature class; needs "
+                        f"--condition temperature and {data_path}'s sidecar scaler")
+    unit = scaler["max"][2] - scaler["min"][2]   # degC per scaled unit
+    centres = [float(real[classes.numpy() == k, :, 2].mean()) for k in range(n_classes)]
+    return centres, args.temperature_bound / unit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
 class GANTrainerBase(ABC):
+    """Everything a run needs is read and checked in __init__, before anything is written; train() then writes the
+    run folder (rank 0 alone under torchrun) and trains from self.start_epoch to -e."""
     trainer_name = "gan"
 
     @abstractmethod
@@ -122,7 +143,6 @@ class GANTrainerBase(ABC):
         """Return (generator optimizer, critic optimizer) over self.G and self.D."""
 
     def __init__(self, args: argparse.Namespace, argv: list[str] | None = None):
-        # Everything is checked before anything is written: bad input leaves no trace.
         self.rank, local_rank, self.world = init_distributed(args.device)
         self.run, self.checkpoint, self.stopped_by = None, None, None
         if args.resume_model_name is not None and args.init_from is not None:
@@ -138,10 +158,7 @@ class GANTrainerBase(ABC):
             self._load_data()
             self.soc_model_path = resolve_soc_model(self.args)
             self.soc = SOCEstimator.load(self.soc_model_path, self.device, backend=self.args.soc_backend)
-            self.notebook = project_default(self.args.result_notebook, build_parser().get_default("result_notebook"))
-            if not self.notebook.is_file():
-                raise UserError(f"{self.args.result_notebook}: result notebook not found; pass an existing "
-                                f"notebook with -n")
+            self.notebook = resolve_notebook(self.args)
             self._build_gan()
             check_inputs(self)
         except BaseException:
@@ -223,10 +240,7 @@ class GANTrainerBase(ABC):
 
     def save_checkpoint(self, epoch: int) -> None:
         """Every rank's random streams go in (one list entry per rank); only rank 0 writes."""
-        rng = [rng_state(self.device, self.gan.sampler)]
-        if self.world > 1:
-            rng = [None] * self.world
-            dist.all_gather_object(rng, rng_state(self.device, self.gan.sampler))
+        rng = all_rng_states(self.device, self.gan.sampler, self.world)
         if self.rank == 0:
             self.run.write_checkpoint({**self.gan.state_dict(), "epoch": epoch, "best": self.best,
                                        "args": vars(self.args), "rng": rng})
@@ -253,9 +267,6 @@ class GANTrainerBase(ABC):
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
-    def before_first_epoch(self) -> None:
-        """Runs once, after the run folder is open and before the first epoch of this process."""
-
     def train(self) -> Path | None:
         """Train from self.start_epoch to -e; rank 0 alone writes the results folder and prints."""
         lead = self.rank == 0
@@ -264,7 +275,6 @@ class GANTrainerBase(ABC):
             print(f"{'Resuming' if self.checkpoint else 'Start training'}: {self.run.path} on {self.device} "
                   f"x{self.world} (seed {self.seed}, data {tuple(self.real_data.shape)}, "
                   f"from epoch {self.start_epoch + 1})", flush=True)
-        self.before_first_epoch()
 
         def request_stop(signum, _frame):   # finish the epoch, checkpoint, exit; a second signal kills
             self.stopped_by = signum
@@ -300,13 +310,7 @@ class GANTrainerBase(ABC):
                 losses = self.gan.train_epoch()
                 if lead:
                     self._record(epoch, losses)
-                    say_projection(self, epoch, time.time() - begin)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(g_loss=f"{losses['g_loss']:.4f}", d_loss=f"{losses['d_loss']:.4f}")
-                    elif epoch % a.train_report_interval == 0:
-                        print(f"[Epoch:{epoch}/{a.gan_epochs}] Time passed:{time.time() - begin:.0f}s, "
-                              f"g_loss:{losses['g_loss']:.6f}, d_loss:{losses['d_loss']:.6f}", flush=True)
+                    report(self, epoch, losses, time.time() - begin, bar)
                 if epoch % a.save_epoch_interval == 0:
                     if lead:
                         self.snapshot(epoch)
@@ -321,26 +325,27 @@ class GANTrainerBase(ABC):
         return epoch
 
 
-def condition_classes(condition: str, data_path: Path, n: int) -> tuple[torch.Tensor | None, list[str]]:
-    """--condition temperature: each window's ambient temperature class, from the data sidecar's file_index
-    (which windows come from which file) -> (int64 [n], class names); (None, []) when unconditional."""
-    if condition == "none":
-        return None, []
-    classes, names = data_classes(data_path, n)
-    return torch.from_numpy(classes), names
+# ----------------------------------------------------------------------------------------------------------------
+# what a run reports and records
 
-
-def temperature_anchor(real: np.ndarray, classes: torch.Tensor | None, n_classes: int, scaler: dict | None,
-                       args: argparse.Namespace, data_path: Path) -> tuple[list[float], float] | None:
-    """--temperature-bound: (each class's real mean temperature, the bound), in the data's scaled units."""
-    if not args.temperature_bound:
-        return None
-    if classes is None or scaler is None:
-        raise UserError(f"--temperature-bound {args.temperature_bound}: bounds each temperature class; needs "
-                        f"--condition temperature and {data_path}'s sidecar scaler")
-    unit = scaler["max"][2] - scaler["min"][2]   # degC per scaled unit
-    centres = [float(real[classes.numpy() == k, :, 2].mean()) for k in range(n_classes)]
-    return centres, args.temperature_bound / unit
+def report(trainer: GANTrainerBase, epoch: int, losses: dict[str, float], seconds: float, bar: tqdm | None) -> None:
+    """The epoch's losses on the bar or every -t epochs; after the first epoch, what the whole run will take here,
+    before the user waits days for it."""
+    t, a = trainer, trainer.args
+    if epoch == t.start_epoch + 1:
+        total = seconds * (a.gan_epochs - t.start_epoch)
+        when = f"{total / 86400:.1f} days" if total >= 86400 else f"{total / 3600:.1f} h"
+        print(f"first epoch: {seconds:.1f} s of training; {a.gan_epochs - t.start_epoch} epochs at this pace: "
+              f"{when} (snapshots every -s {a.save_epoch_interval} epochs come on top)", flush=True)
+        if total >= 86400 and t.device.type == "cpu":
+            print("note: this is the paper's GPU configuration; on a CPU, --preset cpu trains a smaller network "
+                  "sized for it (see README)", flush=True)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(g_loss=f"{losses['g_loss']:.4f}", d_loss=f"{losses['d_loss']:.4f}")
+    elif epoch % a.train_report_interval == 0:
+        print(f"[Epoch:{epoch}/{a.gan_epochs}] Time passed:{seconds:.0f}s, "
+              f"g_loss:{losses['g_loss']:.6f}, d_loss:{losses['d_loss']:.6f}", flush=True)
 
 
 def run_config(trainer: GANTrainerBase) -> dict:

@@ -163,6 +163,15 @@ def set_rng_state(state: dict, device: torch.device, sampler) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def all_rng_states(device: torch.device, sampler, world: int) -> list[dict]:
+    """Every rank's rng_state, one list entry per rank (gathered on every rank under torchrun)."""
+    if world == 1:
+        return [rng_state(device, sampler)]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state(device, sampler))
+    return states
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
