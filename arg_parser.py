@@ -1,26 +1,48 @@
-"""Command-line flags of train_lstm_gan.py: the paper's flags first, then this project's additions."""
+"""Command-line flags of train_lstm_gan.py, in four groups (-h shows them so; docs/flags.md is the full reference):
+the paper's flags, run control, corrected variants, extensions. --preset NAME reads presets/NAME.json, a JSON object
+of flag values (by dest, e.g. "model_scale": 0.125) that become the defaults: typed flags still win. 'paper' is the
+paper's settings (no file)."""
 import argparse
+import json
 import math
+from pathlib import Path
 
-from common import OneLineParser, int_at_least
+from common import OneLineParser, UserError, int_at_least
 
 PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
-# --preset cpu: the same model and loop sized for a 2-core CPU (chosen by side-by-side probes, README "Training on a
-# CPU"): 1/8 of the widths, batch 16, and many cheap updates with larger steps (one critic step per generator step,
-# Adam 1e-3 with beta2 0.9 for both), the corrected normalisation and penalty. Typed flags still win; the paper's
-# values stay the defaults.
-PRESETS = {
-    "paper": {},
-    "cpu": {"model_scale": 0.125, "batch_size": 16, "discriminator_train_steps": 1,
-            "discriminator_learning_rate": 1e-3, "generator_learning_rate": 1e-3,
-            "discriminator_adam_beta2": 0.9, "generator_adam_beta2": 0.9,
-            "norm_layout": "channel", "critic_norm": "layer", "critic_readout": "meanstd", "generator_noise": "smooth",
-            "noise_time_steps": 100.0, "gp_norm": "sample",
-            "gan_epochs": 3000, "save_epoch_interval": 50,
-            "evaluate_sample_size": 32},
-}
+def preset_names() -> list[str]:
+    """'paper' and every presets/*.json."""
+    return sorted({"paper", *(path.stem for path in PRESET_DIR.glob("*.json"))})
+
+
+def read_preset(name: str) -> dict:
+    """presets/<name>.json as {dest: value}; 'paper' without a file is {}."""
+    path = PRESET_DIR / f"{name}.json"
+    if name == "paper" and not path.exists():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable preset ({type(err).__name__}); fix the file or drop it") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a preset is a JSON object of flag values, e.g. {{\"model_scale\": 0.125}}")
+    return values
+
+
+def _readable_presets() -> dict[str, dict]:
+    presets = {}
+    for name in preset_names():
+        try:
+            presets[name] = read_preset(name)
+        except UserError:   # reported when it is asked for (parse_arg), not when the module is imported
+            pass
+    return presets
+
+
+PRESETS = _readable_presets()   # {name: {dest: value}} of the presets/ files, as read at import
 
 
 _positive_int, _non_negative_int = int_at_least(1), int_at_least(0)
@@ -63,175 +85,209 @@ def _gpu_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1 -- got {text!r}") from None
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each flag's default after its help, where it has one (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train_lstm_gan.py",
-                      description="Train the LSTM WGAN-GP of Wong et al. (Electronics 2023) on LG 18650HG2 windows.")
-    # --- the paper's flags: same short and long names, types and defaults as its table ---
-    p.add_argument("-t", "--train-report-interval", type=_positive_int, default=1,
-                   help="interval of logging epoch result during training")
-    p.add_argument("-b", "--batch-size", type=_positive_int, default=64, help="batch size")
-    p.add_argument("-d", "--data-path", default="./data/lg_600_data.npy", help="data path")
-    p.add_argument("-p", "--show-progress-bar", action="store_true", default=False,
-                   help="show a progress bar over epochs with ETA and current losses")
-    p.add_argument("-r", "--resume-model-name", default=None,
-                   help="the result name under the results directory to resume training")
-    p.add_argument("-s", "--save-epoch-interval", type=_positive_int, default=1000,
-                   help="epoch interval of saving model, checkpoint and evaluation (fake data, SOC labels, PCA, t-SNE)")
-    p.add_argument("-n", "--result-notebook", default="visualize_lstm_gan.ipynb",
-                   help="result notebook name that will copy to result directory")
-    p.add_argument("-e", "--gan-epochs", type=_positive_int, default=20000, help="number of epochs to train")
-    p.add_argument("-gid", "--generator-input-dim", type=_positive_int, default=128,
-                   help="generator input dimension")
-    p.add_argument("-dts", "--discriminator-train-steps", type=_positive_int, default=5,
-                   help="discriminator train steps")
-    p.add_argument("-gp", "--gradient-penalty-lambda-term", type=_non_negative_float, default=10.0,
-                   help="gradient penalty lambda term")
-    p.add_argument("-gdr", "--generator-dropout", type=_unit_interval, default=0.0,
-                   help="generator dropout rate, applied to the output of every LSTM block but the last "
-                        "(the original passed it to single-layer nn.LSTM, which ignores it)")
-    p.add_argument("-glr", "--generator-learning-rate", type=_non_negative_float, default=0.0001,
-                   help="generator learning rate")
-    p.add_argument("-gwd", "--generator-weight-decay", type=_non_negative_float, default=0.0,
-                   help="generator weight decay")
-    p.add_argument("-gab1", "--generator-adam-beta1", type=_unit_interval, default=0.5, help="generator adam beta1")
-    p.add_argument("-gab2", "--generator-adam-beta2", type=_unit_interval, default=0.999, help="generator adam beta2")
-    p.add_argument("-ddr", "--discriminator-dropout", type=_unit_interval, default=0.0,
-                   help="discriminator dropout rate, applied to the output of every LSTM block "
-                        "(the original passed it to single-layer nn.LSTM, which ignores it)")
-    p.add_argument("-dlr", "--discriminator-learning-rate", type=_non_negative_float, default=0.0001,
-                   help="discriminator learning rate")
-    p.add_argument("-dwd", "--discriminator-weight-decay", type=_non_negative_float, default=0.0,
-                   help="discriminator weight decay")
-    p.add_argument("-dab1", "--discriminator-adam-beta1", type=_unit_interval, default=0.5,
-                   help="discriminator adam beta1")
-    p.add_argument("-dab2", "--discriminator-adam-beta2", type=_unit_interval, default=0.999,
-                   help="discriminator adam beta2")
+    p = OneLineParser(prog="train_lstm_gan.py", usage="%(prog)s [-h] [flags]", formatter_class=_HelpWithDefaults,
+                      description="Train the LSTM WGAN-GP of Wong et al. (Electronics 2023) on LG 18650HG2 windows. "
+                                  "Full reference: docs/flags.md.")
+    paper = p.add_argument_group("the paper's flags", "the 25 flags of the paper's table, with its names and "
+                                 "defaults")
+    run = p.add_argument_group("run control", "where and how a run trains, what it starts from and what it "
+                               "evaluates; the networks and the loss stay the paper's")
+    corrected = p.add_argument_group("corrected variants", "the paper's code as published by default; each of these "
+                                     "corrects one of its choices (--preset cpu takes them all)")
+    ext = p.add_argument_group("extensions", "this project's additions beyond the paper (the conditional GAN and "
+                               "its terms); off by default")
+    paper.add_argument("-t", "--train-report-interval", type=_positive_int, default=1,
+                       help="interval of logging epoch result during training")
+    paper.add_argument("-b", "--batch-size", type=_positive_int, default=64, help="batch size")
+    paper.add_argument("-d", "--data-path", default="./data/lg_600_data.npy", help="data path")
+    paper.add_argument("-p", "--show-progress-bar", action="store_true", default=False,
+                       help="show a progress bar over epochs with ETA and current losses")
+    paper.add_argument("-r", "--resume-model-name", default=None,
+                       help="the result name under the results directory to resume training")
+    paper.add_argument("-s", "--save-epoch-interval", type=_positive_int, default=1000,
+                       help="epoch interval of saving model, checkpoint and evaluation (fake data, SOC labels, PCA, "
+                            "t-SNE)")
+    paper.add_argument("-n", "--result-notebook", default="visualize_lstm_gan.ipynb",
+                       help="result notebook name that will copy to result directory")
+    paper.add_argument("-e", "--gan-epochs", type=_positive_int, default=20000, help="number of epochs to train")
+    paper.add_argument("-gid", "--generator-input-dim", type=_positive_int, default=128,
+                       help="generator input dimension")
+    paper.add_argument("-dts", "--discriminator-train-steps", type=_positive_int, default=5,
+                       help="discriminator train steps")
+    paper.add_argument("-gp", "--gradient-penalty-lambda-term", type=_non_negative_float, default=10.0,
+                       help="gradient penalty lambda term")
+    paper.add_argument("-gdr", "--generator-dropout", type=_unit_interval, default=0.0,
+                       help="generator dropout rate, applied to the output of every LSTM block but the last "
+                            "(the original passed it to single-layer nn.LSTM, which ignores it)")
+    paper.add_argument("-glr", "--generator-learning-rate", type=_non_negative_float, default=0.0001,
+                       help="generator learning rate")
+    paper.add_argument("-gwd", "--generator-weight-decay", type=_non_negative_float, default=0.0,
+                       help="generator weight decay")
+    paper.add_argument("-gab1", "--generator-adam-beta1", type=_unit_interval, default=0.5, help="generator adam beta1")
+    paper.add_argument("-gab2", "--generator-adam-beta2", type=_unit_interval, default=0.999, help="generator adam "
+                                                                                                   "beta2")
+    paper.add_argument("-ddr", "--discriminator-dropout", type=_unit_interval, default=0.0,
+                       help="discriminator dropout rate, applied to the output of every LSTM block "
+                            "(the original passed it to single-layer nn.LSTM, which ignores it)")
+    paper.add_argument("-dlr", "--discriminator-learning-rate", type=_non_negative_float, default=0.0001,
+                       help="discriminator learning rate")
+    paper.add_argument("-dwd", "--discriminator-weight-decay", type=_non_negative_float, default=0.0,
+                       help="discriminator weight decay")
+    paper.add_argument("-dab1", "--discriminator-adam-beta1", type=_unit_interval, default=0.5,
+                       help="discriminator adam beta1")
+    paper.add_argument("-dab2", "--discriminator-adam-beta2", type=_unit_interval, default=0.999,
+                       help="discriminator adam beta2")
     # The original code spells two long names differently from the paper's table; both are accepted.
-    p.add_argument("-ess", "--evaluate-sample-size", "--eval-sample-size", dest="evaluate_sample_size",
-                   type=_positive_int, default=4000, help="the generate data sample size on evaluation")
-    p.add_argument("-socs", "--soc-estimator-step", type=_positive_int, default=300,
-                   help="the soc estimator step size (window length)")
-    p.add_argument("-socmp", "--soc-estimator-model-path", default="./soc_models/",
-                   help="the pre-trained soc estimator model path")
-    p.add_argument("-socm", "--soc-estimator-model", "-socmn", "--soc-estimator-model-name",
-                   dest="soc_estimator_model", default=PAPER_SOC_MODEL,
-                   help="the pre-trained soc estimator model name (when the paper's file is absent, "
-                        "the model shipped in soc_models/ is used)")
-    # --- this project's additions ---
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="paper: the paper's settings (the defaults above); cpu: " + ", ".join(
-                       f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["cpu"].items())
-                   + " (typed flags win)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)")
-    p.add_argument("--gpus", type=_gpu_ids, default=None,
-                   help="GPU ids for DataParallel, e.g. 0,1 (default: all visible GPUs)")
-    p.add_argument("--init-from", default=None, metavar="SNAPSHOT",
-                   help="start a new run from the networks of a snapshot folder, <run>/<N>_epoch (its generator.pth, "
-                        "also as the running average of --generator-ema, and discriminator.pth), with fresh optimizers "
-                        "and epochs counted from 1: to train on from a chosen snapshot, or with flags that -r refuses "
-                        "to change (e.g. --temperature-damping); the networks' shapes must match")
-    p.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
-    p.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
-    p.add_argument("--model-scale", type=_positive_float, default=1.0,
-                   help="scale every hidden width (1.0 = the paper's network; e.g. 0.125 for a CPU demo)")
-    p.add_argument("--norm-layout", choices=["paper", "channel"], default="paper",
-                   help="paper: the original reshape(B, C, 1, T) before Batch/InstanceNorm (mixes time and "
-                        "features, reproduced exactly); channel: normalise per feature channel")
-    p.add_argument("--critic-norm", choices=["instance", "layer"], default="instance",
-                   help="instance: the original InstanceNorm after each critic LSTM (laid out by --norm-layout); "
-                        "layer: normalise each time step over its features (parameter-free layer norm, the "
-                        "WGAN-GP paper's choice for a critic), which keeps each sequence's levels visible")
-    p.add_argument("--critic-readout", choices=["last", "mean", "meanstd"], default="last",
-                   help="last: the critic scores the last time step's features (the paper); mean: the features of "
-                        "every step averaged over time before the linear head, so every step's dynamics are judged; "
-                        "meanstd: their mean and standard deviation over time, so a wandering level is seen too")
-    p.add_argument("--generator-noise", choices=["step", "mixed", "smooth"], default="step",
-                   help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
-                        "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "
-                        "smooth: as mixed, with the other half an AR(1) process of time constant --noise-time-steps")
-    p.add_argument("--noise-time-steps", type=_positive_float, default=30.0,
-                   help="--generator-noise smooth: the AR(1) noise's time constant in steps (30 = 3 s at 10 Hz, "
-                        "where the real traces' mean ACF falls to 1/e; longer gives the output longer memory)")
-    p.add_argument("--condition", choices=["none", "temperature"], default="none",
-                   help="none: unconditional, as the paper; temperature: the ambient temperature class of each "
-                        "window (0, 10, 25 degC, from the data sidecar) is given to the generator with the noise and "
-                        "to the critic with the sequence, as one-hot channels (conditional WGAN-GP)")
-    p.add_argument("--temperature-damping", type=_fraction, default=1.0,
-                   help="the generated temperature is each sequence's mean temperature plus this fraction of the "
-                        "generator's deviation from it: a cell's temperature hardly moves within a minute (real "
-                        "windows: range 0.1-0.2 degC), a free channel wanders by degrees and blurs the temperature "
-                        "classes; e.g. 0.02; 0: constant; 1: a free channel (the paper)")
-    p.add_argument("--temperature-bound", type=_non_negative_float, default=0.0, metavar="DEGC",
-                   help="--condition temperature: hold each sequence's mean temperature within DEGC of its class's "
-                        "real mean temperature (softly, by tanh: the identity near it; its gradient passes as the "
-                        "identity's, so a sequence held at the bound is still pulled in); real windows lie within "
-                        "-1.0 to +3.3 degC of theirs, the classes 9.5-14.5 degC apart, so 4 keeps every class "
-                        "apart; 0: off (the paper)")
-    p.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
-                   help="paper: gradient norm over time per (sample, feature) as the original; "
-                        "sample: per-sample norm over all time steps and features (Gulrajani et al.)")
-    p.add_argument("--mode-seeking", type=_non_negative_float, default=0.0,
-                   help="weight of the mode-seeking term in the generator's loss (Mao et al. 2019): the generator "
-                        "step draws its batch as pairs (one class each when conditional) and adds LAMBDA / "
-                        "(|G(z1) - G(z2)| / |z1 - z2|), against one sequence per class (an odd batch leaves one sample "
-                        "out of that step); 0: off (the paper)")
-    p.add_argument("--mode-seeking-on", choices=["all", "voltage"], default="all",
-                   help="what --mode-seeking compares two samples on: all: V, I and T (Mao et al.); voltage: the "
-                        "voltage only, so that the cheap ways to differ (a current offset, a temperature wobble) "
-                        "earn nothing and the samples spread in voltage, i.e. in SOC")
-    p.add_argument("--level-mmd", type=_non_negative_float, default=0.0,
-                   help="weight of a level-matching term in the generator's loss: the squared MMD, per class, between "
-                        "the generated and the real windows' levels (mean V, I and T; the resistance the voltage "
-                        "follows the current with and the spread of the voltage that this does not explain): it asks "
-                        "for the real spread of levels where --mode-seeking rewards any spread; 0: off (the paper)")
-    p.add_argument("--level-kernel", choices=["gaussian", "energy", "hybrid"], default="gaussian",
-                   help="the kernel of --level-mmd: gaussian: Gaussian kernels at 0.25-2x the real windows' median "
-                        "distance (their pull on a window several spreads off vanishes); energy: the energy distance "
-                        "(kernel -|x - y|), whose pull does not vanish however far off a window is; hybrid: the "
-                        "Gaussians on the mean levels, the energy distance (x 0.3) on the others")
-    p.add_argument("--level-steps", action="store_true",
-                   help="--level-mmd also matches each window's V and I step differences (the log of their standard "
-                        "deviation and its ratio to their mean absolute value): sparse jumps as in a drive cycle, not "
-                        "a jitter")
-    p.add_argument("--level-temperature", action="store_true",
-                   help="--level-mmd also matches each class's window mean temperatures on the class's own scale "
-                        "(its real spread, 0.4-0.7 degC against 9.9 degC over all classes) by the energy distance: "
-                        "on the common scale a class 2-4 degC off is hardly pulled back")
-    p.add_argument("--generator-ema", type=_unit_interval, default=0.0,
-                   help="keep a running average of the generator's weights, ema = BETA * ema + (1 - BETA) * weights "
-                        "after each generator step (one per epoch), and save and evaluate it in the snapshots "
-                        "(<epoch>_epoch/generator.pth; the checkpoint keeps both): a GAN's levels swing from one "
-                        "snapshot to the next, their average does not; e.g. 0.98; 0: off (the paper)")
-    p.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
-                   help="the critic also reads each sequence's voltage residual about its least-squares line in the "
-                        "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
-                        "scale, as one more input channel, so that a voltage that wanders apart from the current is "
-                        "seen; 0: off (the paper)")
-    p.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
-                   help="aligned: compare real and synthetic over the same time steps; paper: real steps "
-                        "0..L-1 against synthetic steps T-L-1..T-2 as the original did")
-    p.add_argument("--soc-backend", choices=["torch", "keras"], default="torch",
-                   help="torch: exact port of the Keras SOC model (no TensorFlow needed); keras: Keras predict")
-    p.add_argument("--eval-metrics", choices=["quick", "all"], default="quick",
-                   help="metrics written to <N>_epoch/metrics.json at every -s epoch: quick (distribution distances, "
-                        "physics checks) or all (adds discriminative, predictive and TSTR scores; slower)")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="fp32: the faithful numerics (TF32 off, also in cuDNN); tf32: TF32 matmuls and cuDNN on "
-                        "Ampere+ GPUs; bf16: bfloat16 autocast of the networks (losses and optimizer stay fp32)")
-    p.add_argument("--critic-chunk", type=_non_negative_int, default=None,
-                   help="run each critic step on chunks of this many samples (0: the whole batch; default: the "
-                        "largest chunk whose estimated peak fits in half the free memory); exact up to rounding, "
-                        "bounds the step's peak memory (e.g. -b 512 on one GPU)")
-    p.add_argument("--execute-notebook", action="store_true",
-                   help="execute result.ipynb headless at the end of training and write result.html")
+    paper.add_argument("-ess", "--evaluate-sample-size", "--eval-sample-size", dest="evaluate_sample_size",
+                       type=_positive_int, default=4000, help="the generate data sample size on evaluation")
+    paper.add_argument("-socs", "--soc-estimator-step", type=_positive_int, default=300,
+                       help="the soc estimator step size (window length)")
+    paper.add_argument("-socmp", "--soc-estimator-model-path", default="./soc_models/",
+                       help="the pre-trained soc estimator model path")
+    paper.add_argument("-socm", "--soc-estimator-model", "-socmn", "--soc-estimator-model-name",
+                       dest="soc_estimator_model", default=PAPER_SOC_MODEL,
+                       help="the pre-trained soc estimator model name (when the paper's file is absent, "
+                            "the model shipped in soc_models/ is used)")
+    run.add_argument("--preset", choices=preset_names(), default="paper",
+                     help="take the flag values of presets/PRESET.json as the defaults (typed flags still win): "
+                          "paper: the paper's settings (no file); cpu: the same model and loop sized for a 2-core "
+                          "CPU (1/8 of the widths, batch 16, one critic step per generator step, Adam 1e-3, the "
+                          "corrected variants)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)")
+    run.add_argument("--gpus", type=_gpu_ids, default=None,
+                     help="GPU ids for DataParallel, e.g. 0,1 (default: all visible GPUs)")
+    run.add_argument("--init-from", default=None, metavar="SNAPSHOT",
+                     help="start a new run from the networks of a snapshot folder, <run>/<N>_epoch (its generator.pth, "
+                          "also as the running average of --generator-ema, and discriminator.pth), with fresh "
+                          "optimizers and epochs counted from 1: to train on from a chosen snapshot, or with flags "
+                          "that -r refuses to change (e.g. --temperature-damping); the networks' shapes must match")
+    run.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
+    run.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
+    run.add_argument("--model-scale", type=_positive_float, default=1.0,
+                     help="scale every hidden width (1.0 = the paper's network; e.g. 0.125 for a CPU demo)")
+    corrected.add_argument("--norm-layout", choices=["paper", "channel"], default="paper",
+                           help="paper: the original reshape(B, C, 1, T) before Batch/InstanceNorm (mixes time and "
+                                "features, reproduced exactly); channel: normalise per feature channel")
+    corrected.add_argument("--critic-norm", choices=["instance", "layer"], default="instance",
+                           help="instance: the original InstanceNorm after each critic LSTM (laid out by "
+                                "--norm-layout); layer: normalise each time step over its features (parameter-free "
+                                "layer norm, the WGAN-GP paper's choice for a critic), which keeps each sequence's "
+                                "levels visible")
+    corrected.add_argument("--critic-readout", choices=["last", "mean", "meanstd"], default="last",
+                           help="last: the critic scores the last time step's features (the paper); mean: the features "
+                                "of every step averaged over time before the linear head, so every step's dynamics are "
+                                "judged; meanstd: their mean and standard deviation over time, so a wandering level is "
+                                "seen too")
+    corrected.add_argument("--generator-noise", choices=["step", "mixed", "smooth"], default="step",
+                           help="step: z ~ N(0, 1) drawn anew at every time step (the paper); mixed: the first half of "
+                                "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "
+                                "smooth: as mixed, with the other half an AR(1) process of time constant "
+                                "--noise-time-steps")
+    corrected.add_argument("--noise-time-steps", type=_positive_float, default=30.0,
+                           help="--generator-noise smooth: the AR(1) noise's time constant in steps (30 = 3 s at 10 "
+                                "Hz, where the real traces' mean ACF falls to 1/e; longer gives the output longer "
+                                "memory)")
+    ext.add_argument("--condition", choices=["none", "temperature"], default="none",
+                     help="none: unconditional, as the paper; temperature: the ambient temperature class of each "
+                          "window (0, 10, 25 degC, from the data sidecar) is given to the generator with the noise and "
+                          "to the critic with the sequence, as one-hot channels (conditional WGAN-GP)")
+    ext.add_argument("--temperature-damping", type=_fraction, default=1.0,
+                     help="the generated temperature is each sequence's mean temperature plus this fraction of the "
+                          "generator's deviation from it: a cell's temperature hardly moves within a minute (real "
+                          "windows: range 0.1-0.2 degC), a free channel wanders by degrees and blurs the temperature "
+                          "classes; e.g. 0.02; 0: constant; 1: a free channel (the paper)")
+    ext.add_argument("--temperature-bound", type=_non_negative_float, default=0.0, metavar="DEGC",
+                     help="--condition temperature: hold each sequence's mean temperature within DEGC of its class's "
+                          "real mean temperature (softly, by tanh: the identity near it; its gradient passes as the "
+                          "identity's, so a sequence held at the bound is still pulled in); real windows lie within "
+                          "-1.0 to +3.3 degC of theirs, the classes 9.5-14.5 degC apart, so 4 keeps every class "
+                          "apart; 0: off (the paper)")
+    corrected.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
+                           help="paper: gradient norm over time per (sample, feature) as the original; "
+                                "sample: per-sample norm over all time steps and features (Gulrajani et al.)")
+    ext.add_argument("--mode-seeking", type=_non_negative_float, default=0.0,
+                     help="weight of the mode-seeking term in the generator's loss (Mao et al. 2019): the generator "
+                          "step draws its batch as pairs (one class each when conditional) and adds LAMBDA / (|G(z1) - "
+                          "G(z2)| / |z1 - z2|), against one sequence per class (an odd batch leaves one sample out of "
+                          "that step); 0: off (the paper)")
+    ext.add_argument("--mode-seeking-on", choices=["all", "voltage"], default="all",
+                     help="what --mode-seeking compares two samples on: all: V, I and T (Mao et al.); voltage: the "
+                          "voltage only, so that the cheap ways to differ (a current offset, a temperature wobble) "
+                          "earn nothing and the samples spread in voltage, i.e. in SOC")
+    ext.add_argument("--level-mmd", type=_non_negative_float, default=0.0,
+                     help="weight of a level-matching term in the generator's loss: the squared MMD, per class, "
+                          "between the generated and the real windows' levels (mean V, I and T; the resistance the "
+                          "voltage follows the current with and the spread of the voltage that this does not explain): "
+                          "it asks for the real spread of levels where --mode-seeking rewards any spread; 0: off (the "
+                          "paper)")
+    ext.add_argument("--level-kernel", choices=["gaussian", "energy", "hybrid"], default="gaussian",
+                     help="the kernel of --level-mmd: gaussian: Gaussian kernels at 0.25-2x the real windows' median "
+                          "distance (their pull on a window several spreads off vanishes); energy: the energy distance "
+                          "(kernel -|x - y|), whose pull does not vanish however far off a window is; hybrid: the "
+                          "Gaussians on the mean levels, the energy distance (x 0.3) on the others")
+    ext.add_argument("--level-steps", action="store_true",
+                     help="--level-mmd also matches each window's V and I step differences (the log of their standard "
+                          "deviation and its ratio to their mean absolute value): sparse jumps as in a drive cycle, "
+                          "not a jitter")
+    ext.add_argument("--level-temperature", action="store_true",
+                     help="--level-mmd also matches each class's window mean temperatures on the class's own scale "
+                          "(its real spread, 0.4-0.7 degC against 9.9 degC over all classes) by the energy distance: "
+                          "on the common scale a class 2-4 degC off is hardly pulled back")
+    ext.add_argument("--generator-ema", type=_unit_interval, default=0.0,
+                     help="keep a running average of the generator's weights, ema = BETA * ema + (1 - BETA) * weights "
+                          "after each generator step (one per epoch), and save and evaluate it in the snapshots "
+                          "(<epoch>_epoch/generator.pth; the checkpoint keeps both): a GAN's levels swing from one "
+                          "snapshot to the next, their average does not; e.g. 0.98; 0: off (the paper)")
+    ext.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
+                     help="the critic also reads each sequence's voltage residual about its least-squares line in the "
+                          "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
+                          "scale, as one more input channel, so that a voltage that wanders apart from the current is "
+                          "seen; 0: off (the paper)")
+    run.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
+                     help="aligned: compare real and synthetic over the same time steps; paper: real steps "
+                          "0..L-1 against synthetic steps T-L-1..T-2 as the original did")
+    run.add_argument("--soc-backend", choices=["torch", "keras"], default="torch",
+                     help="torch: exact port of the Keras SOC model (no TensorFlow needed); keras: Keras predict")
+    run.add_argument("--eval-metrics", choices=["quick", "all"], default="quick",
+                     help="metrics written to <N>_epoch/metrics.json at every -s epoch: quick (distribution distances, "
+                          "physics checks) or all (adds discriminative, predictive and TSTR scores; slower)")
+    run.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                     help="fp32: the faithful numerics (TF32 off, also in cuDNN); tf32: TF32 matmuls and cuDNN on "
+                          "Ampere+ GPUs; bf16: bfloat16 autocast of the networks (losses and optimizer stay fp32)")
+    run.add_argument("--critic-chunk", type=_non_negative_int, default=None,
+                     help="run each critic step on chunks of this many samples (0: the whole batch; default: the "
+                          "largest chunk whose estimated peak fits in half the free memory); exact up to rounding, "
+                          "bounds the step's peak memory (e.g. -b 512 on one GPU)")
+    run.add_argument("--execute-notebook", action="store_true",
+                     help="execute result.ipynb headless at the end of training and write result.html")
     return p
 
 
 def parse_arg(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if PRESETS[args.preset]:   # the preset's values become the defaults: typed flags still win
-        parser.set_defaults(**PRESETS[args.preset])
+    try:
+        preset = read_preset(args.preset)
+    except UserError as err:
+        parser.error(str(err))
+    flags = {a.dest for a in parser._actions} - {"help", "preset"}
+    unknown = sorted(set(preset) - flags)
+    if unknown:
+        parser.error(f"{PRESET_DIR / args.preset}.json: not flags of train_lstm_gan.py: {', '.join(unknown)}; "
+                     f"name each flag by its dest, e.g. model_scale for --model-scale")
+    if preset:   # the preset's values become the defaults: typed flags still win
+        parser.set_defaults(**preset)
         args = parser.parse_args(argv)
     return args
 

@@ -2,7 +2,8 @@
 shared loop of gan_trainer_base.py.
 
     python train_lstm_gan.py                      # the paper's defaults, on the shipped LG 18650HG2 windows
-    python train_lstm_gan.py --model-scale 0.125 -e 20 -s 10 -ess 64   # a CPU demo
+    python train_lstm_gan.py --preset cpu         # the same model and loop sized for a CPU (presets/cpu.json)
+    python train_lstm_gan.py -h                   # the flags in four groups (docs/flags.md: the full reference)
 """
 import argparse
 import sys
