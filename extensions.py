@@ -2,7 +2,8 @@
 generator's loss (--mode-seeking, --level-mmd and its variants), built from the flags by generator_terms() for
 WGANGP's extra_terms, and the functions behind two network options, the critic's voltage-residual channel
 (--critic-residual) and the generator's temperature head (--temperature-damping, --temperature-bound). The paper's
-step (wgan_gp.py) and networks (models.py) read without them; this module imports neither."""
+step (wgan_gp.py) reads without them: the terms come in as its extra_terms; the networks (models.py) call the two
+functions. This module imports no other module of the project."""
 import argparse
 from dataclasses import dataclass
 from typing import Callable

@@ -1,7 +1,8 @@
 """The WGAN-GP step of the paper (Gulrajani et al.'s gradient penalty, as the original code trains it): the critic
 step with the gradient penalty, the generator step, the batch sampler over the real windows and the optimizers'
-state. Built from tensors and WGANGPSettings: no files, no flags. This project's extra generator terms come in as
-extra_terms (extensions.generator_terms), so the paper's step reads without them."""
+state. Built from tensors and WGANGPSettings (whose from_args reads the flags); it writes no file (its epoch's
+losses are named as losses.csv's columns). This project's extra generator terms come in as extra_terms
+(extensions.generator_terms), so the paper's step reads without them."""
 import argparse
 import copy
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ class WGANGPSettings:
 
 class WGANGP:
     """Generator G and critic D, their optimizers and the batch sampler over the real windows [n, T, F] (on the
-    training device). One epoch: critic_steps critic steps, then one generator step. With world > 1 (torchrun)
-    each process holds the same networks and its own share of the batch; gradients are averaged."""
+    training device). One epoch: critic_steps critic steps, then one generator step, whose loss adds the
+    extra_terms (none in the paper). With world > 1 (torchrun) each process holds the same networks and its own share
+    of the batch; gradients are averaged."""
 
     def __init__(self, generator: nn.Module, critic: nn.Module, g_optim: torch.optim.Optimizer,
                  d_optim: torch.optim.Optimizer, real: torch.Tensor, batch_size: int, seed: int,

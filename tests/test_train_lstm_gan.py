@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import arg_parser
-import gan_trainer_base
+import common
+import run_dir
 from extensions import voltage_residual
 from helpers import read_losses, run_dirs, stop_training, tiny_args
 from metrics import resistance_line
@@ -278,7 +279,7 @@ def test_eval_metrics_all_adds_the_post_hoc_scores(tiny_data, soc_model, tmp_pat
 
 
 def test_two_runs_in_the_same_second_get_different_folders(tiny_data, soc_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(gan_trainer_base.time, "time", lambda: 1_700_000_000.0)
+    monkeypatch.setattr(run_dir.time, "time", lambda: 1_700_000_000.0)
     results = tmp_path / "results"
     for _ in range(2):
         assert main(tiny_args(tiny_data, soc_model, results, "-e", "1")) == 0
@@ -383,7 +384,7 @@ def test_init_from_starts_a_new_run_from_a_snapshot(tiny_data, soc_model, tmp_pa
     assert [r[0] for r in read_losses(new)[1:]] == ["1"]
     config = json.loads((new / "config.json").read_text())
     assert config["args"]["init_from"] == str(snapshot)
-    assert config["init_from_sha256"]["generator.pth"] == gan_trainer_base.sha256(snapshot / "generator.pth")
+    assert config["init_from_sha256"]["generator.pth"] == common.sha256(snapshot / "generator.pth")
     ckpt = torch.load(new / "checkpoint.pt", weights_only=True)
     assert ckpt["g_optim"]["state"][0]["step"] == 1   # fresh moments, not the snapshot run's
     # -r may not change the damping: older snapshots would be read with the new value
@@ -395,7 +396,7 @@ def test_init_from_errors_are_one_line_and_write_nothing(case, tiny_data, soc_mo
     results = tmp_path / "results"
     assert main(tiny_args(tiny_data, soc_model, results, "-e", "1", "-s", "1")) == 0
     [run] = run_dirs(results)
-    before = gan_trainer_base.sha256(run / "checkpoint.pt")
+    before = common.sha256(run / "checkpoint.pt")
     branched, extra = tmp_path / "branched", ["--init-from", str(run / "1_epoch")]
     if case == "missing":
         extra = ["--init-from", str(run / "9_epoch")]
@@ -408,7 +409,7 @@ def test_init_from_errors_are_one_line_and_write_nothing(case, tiny_data, soc_mo
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err, err
     assert ("init-from" in err) if case == "with_resume" else ("generator.pth" in err)
-    assert not branched.exists() and gan_trainer_base.sha256(run / "checkpoint.pt") == before
+    assert not branched.exists() and common.sha256(run / "checkpoint.pt") == before
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
