@@ -11,6 +11,10 @@ from common import OneLineParser, UserError, int_at_least
 
 PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+# flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
+ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "critic_readout", "generator_noise",
+              "noise_time_steps", "condition", "critic_residual", "temperature_damping", "temperature_bound",
+              "generator_head", "cell_model")
 
 
 def preset_names() -> list[str]:
@@ -254,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
                           "scale, as one more input channel, so that a voltage that wanders apart from the current is "
                           "seen; 0: off (the paper)")
+    ext.add_argument("--generator-head", choices=["none", "physics"], default="none",
+                     help="none: the generator's last LSTM gives V, I, T (the paper); physics: it gives a power demand "
+                          "(held a second at a time, as the drive cycles' 1 Hz tables), the temperature, the SOC and "
+                          "current a window starts from and a small voltage residual, and V, I, T follow through the "
+                          "tester, a cell model fitted to the training cycles (--cell-model) and the sensors' grain "
+                          "(cell_model.py): the voltage follows the current as the cell's does, the SOC the charge")
+    ext.add_argument("--cell-model", default="./data/lg_cell_model.json", metavar="JSON",
+                     help="--generator-head physics: the fitted cell model (python cell_model.py builds it); its "
+                          "parameters are recorded in config.json, so a run keeps its own")
     run.add_argument("--pca-segment", choices=["aligned", "paper"], default="aligned",
                      help="aligned: compare real and synthetic over the same time steps; paper: real steps "
                           "0..L-1 against synthetic steps T-L-1..T-2 as the original did")

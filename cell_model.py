@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import OneLineParser, UserError, atomic_json, cli
+from common import OneLineParser, UserError, atomic_json, cli, project_default
 
 OCV_KNOTS = (0, .005, .01, .02, .03, .05, .07, .1, .13, .16, .2, .25, .3, .35, .4, .45, .5, .55, .6, .65, .7,
              .75, .8, .85, .9, .95, 1.0)   # dense near empty, where the open-circuit voltage falls fast
@@ -322,17 +322,48 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     try:
         params = json.loads(path.read_text())
-        CellModel(params)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"{path}: not a cell model written by cell_model.py ({type(err).__name__}); rebuild it "
-                        f"with python cell_model.py --raw-dir <LG folder> --out {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable cell model ({type(err).__name__}); rebuild it with python "
+                        f"cell_model.py --raw-dir <LG folder> --out {path}") from None
+    load_checked(params, path)
     return params
+
+
+DEFAULT_PATH = "./data/lg_cell_model.json"
+
+
+def for_run(args, scaler: dict | None, config: dict | None = None, run_path: str | Path | None = None
+            ) -> tuple[dict, dict] | None:
+    """--generator-head physics: (the cell model's parameters, the data's scaler) of a run, None without the flag.
+    A saved run's (config: the config.json of the run folder run_path) are its own, as recorded; a new run's come
+    from --cell-model and the data's sidecar (scaler)."""
+    if getattr(args, "generator_head", "none") != "physics":
+        return None
+    if config is not None:
+        where = Path(run_path or ".") / "config.json"
+        if not isinstance(config.get("cell_model"), dict) or not isinstance(config.get("scaler"), dict):
+            raise UserError(f"{where}: a --generator-head physics run without its cell_model and scaler; restore "
+                            f"the run's config.json (its generator cannot be rebuilt without them)")
+        load_checked(config["cell_model"], where)
+        return config["cell_model"], config["scaler"]
+    if scaler is None:
+        raise UserError(f"{args.data_path}: --generator-head physics needs the data's scaler (V, A, degC) from its "
+                        f".json sidecar; rebuild the data with python lg_dataset.py, or drop --generator-head")
+    return load(project_default(args.cell_model, DEFAULT_PATH)), scaler
+
+
+def load_checked(params, where) -> None:
+    try:
+        CellModel(params)
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:
+        raise UserError(f"{where}: not a cell model written by cell_model.py ({type(err).__name__}); rebuild it "
+                        f"with python cell_model.py --raw-dir <LG folder>") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="cell_model.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw-dir", required=True, help="LG HG2 folder with 0degC/ 10degC/ 25degC/")
-    p.add_argument("--out", default="data/lg_cell_model.json", help="the model's JSON")
+    p.add_argument("--out", default=DEFAULT_PATH, help="the model's JSON")
     a = p.parse_args(argv)
 
     def run() -> None:

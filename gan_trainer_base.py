@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
-from arg_parser import PAPER_SOC_MODEL, build_parser, merge_saved_args
+from arg_parser import ARCH_FLAGS, PAPER_SOC_MODEL, build_parser, merge_saved_args
+from cell_model import for_run as physics_for_run
 from common import UserError, project_default, resolve_device, sha256
 from extensions import TermSettings, generator_terms
 from lg_dataset import LGDataset, data_classes, load_sidecar
@@ -32,9 +33,6 @@ from wgan_gp import WGANGP, WGANGPSettings
 
 PROJECT_DIR = Path(__file__).resolve().parent
 SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
-# flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
-ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "critic_readout", "generator_noise",
-              "noise_time_steps", "condition", "critic_residual", "temperature_damping", "temperature_bound")
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
@@ -190,6 +188,7 @@ class GANTrainerBase(ABC):
         self.classes, self.class_names = condition_classes(a.condition, self.data_path, n)
         self.temperature_anchor = temperature_anchor(self.real_data, self.classes, len(self.class_names), self.scaler,
                                                      a, self.data_path)
+        self.physics = physics_for_run(a, self.scaler, self.run and self.run.read_config(), self.run and self.run.path)
         if self.batch_size > n:
             raise UserError(f"{self.data_path}: batch size {self.batch_size} is larger than the dataset "
                             f"({n} windows); use -b {n * self.world} or less")
@@ -358,7 +357,7 @@ def run_config(trainer: GANTrainerBase) -> dict:
         "condition_shares": [] if t.classes is None else (np.bincount(t.classes.numpy()) / len(t.classes)).tolist(),
         "data_path": str(t.data_path), "data_sha256": sha256(t.data_path), "scaler": t.scaler,
         "soc_model": str(t.soc_model_path), "soc_backend": t.args.soc_backend,
-        "temperature_anchor": t.temperature_anchor,
+        "temperature_anchor": t.temperature_anchor, "cell_model": t.physics[0] if t.physics else None,
         "init_from_sha256": None if t.args.init_from is None else {
             name: sha256(Path(t.args.init_from) / name) for name in ("generator.pth", "discriminator.pth")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

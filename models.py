@@ -8,11 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cell_model import RAW_CHANNELS, PhysicsHead
 from extensions import temperature_head, voltage_residual
 from lean_lstm import LeanLSTM
 
 N_FEATURES = 3      # the GAN generates V, I, T; the SOC estimator labels them
 TEMPERATURE = 2     # the temperature's channel
+PHYSICS_TEMPERATURE = 1   # --generator-head physics: the temperature's channel among the head's raw channels
+PHYSICS_NOISE = 4         # ... and the noise channels it reads: the last four of z's -gid (the hold's phase, sensors)
 GENERATOR_WIDTHS = (1024, 512, 256, 128)   # hidden sizes of the first four generator LSTMs
 CRITIC_WIDTHS = (128, 256, 512, 1024)
 
@@ -64,12 +67,15 @@ class Generator(nn.Module):
     step). Conditional: z's class channels (after the noise) reach the first LSTM as they are.
     The temperature head (no parameters: the same state dict): temperature_damping < 1 scales the temperature
     channel's deviation from its mean over the sequence; anchor (conditional) = (each class's temperature, a bound),
-    in the data's scaled units: the sequence's mean temperature is held softly within the bound of its class's."""
+    in the data's scaled units: the sequence's mean temperature is held softly within the bound of its class's.
+    physics (--generator-head physics) = (the cell model's parameters, the data's scaler): the last LSTM gives the
+    cell_model.PhysicsHead's raw channels (a power demand, the temperature, a voltage residual, the starting SOC and
+    current) and the head makes V, I, T of them through the tester, the cell model and the sensors."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
                  scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0,
                  noise_time_steps: float = 30.0, temperature_damping: float = 1.0,
-                 anchor: tuple[list[float], float] | None = None):
+                 anchor: tuple[list[float], float] | None = None, physics: tuple[dict, dict] | None = None):
         super().__init__()
         self.input_dim, self.output_dim, self.seq_len = input_dim, output_dim, seq_len
         self.norm_layout, self.noise, self.n_classes = norm_layout, noise, n_classes
@@ -84,7 +90,9 @@ class Generator(nn.Module):
             setattr(self, f"lstm_{i + 1}", nn.LSTM(widths[i], widths[i + 1], batch_first=True))
             setattr(self, f"batch_norm_{i + 1}", nn.BatchNorm2d(widths[i + 1]))
             setattr(self, f"relu_{i + 1}", nn.ReLU())
-        self.lstm_5 = nn.LSTM(widths[4], output_dim, batch_first=True)
+        # the head holds buffers only (not persistent): the state dict is the LSTMs', lstm_5 RAW_CHANNELS wide
+        self.physics = None if physics is None else PhysicsHead(*physics)
+        self.lstm_5 = nn.LSTM(widths[4], output_dim if physics is None else RAW_CHANNELS, batch_first=True)
         # single-layer nn.LSTM ignores its dropout argument, so dropout is applied between the blocks
         self.dropout = nn.Dropout(dropout)
 
@@ -100,13 +108,23 @@ class Generator(nn.Module):
             x = normalize(x, getattr(self, f"batch_norm_{i}"), self.norm_layout)
             x = self.dropout(getattr(self, f"relu_{i}")(x))
         x, _ = self.lstm_5(x)
+        if self.physics is not None:
+            return self.physical(x, z)
         if self.temperature_damping != 1.0 or self.bound:
             x = self.temperature_head(x, z[:, :1, self.input_dim:])
         return x
 
-    def temperature_head(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """x [B, T, N_FEATURES] with the temperature held (extensions.temperature_head); onehot [B, 1, n_classes]."""
-        return temperature_head(x, onehot, self.class_temperature, self.bound, self.temperature_damping, TEMPERATURE)
+    def temperature_head(self, x: torch.Tensor, onehot: torch.Tensor, channel: int = TEMPERATURE) -> torch.Tensor:
+        """x [B, T, F] with the temperature held (extensions.temperature_head); onehot [B, 1, n_classes]."""
+        return temperature_head(x, onehot, self.class_temperature, self.bound, self.temperature_damping, channel)
+
+    def physical(self, raw: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The physics head on the last LSTM's raw channels, in fp32 also under bf16 autocast (the charge it counts
+        over 600 steps would drift in bf16). Its noise is z's own, drawn from the seed like the rest of z."""
+        with torch.autocast(raw.device.type, enabled=False):
+            raw = self.temperature_head(raw.float(), z[:, :1, self.input_dim:], PHYSICS_TEMPERATURE)
+            noise = z[:, :, self.input_dim - PHYSICS_NOISE:self.input_dim].float()
+            return self.physics(raw, noise, raw[..., PHYSICS_TEMPERATURE])
 
 
 class Discriminator(nn.Module):
@@ -155,11 +173,15 @@ class Discriminator(nn.Module):
 
 
 def build_generator(args: argparse.Namespace, seq_len: int, n_classes: int = 0,
-                    anchor: tuple[list[float], float] | None = None) -> Generator:
-    """anchor: --temperature-bound's (class temperatures, bound) in scaled units (temperature_anchor())."""
+                    anchor: tuple[list[float], float] | None = None,
+                    physics: tuple[dict, dict] | None = None) -> Generator:
+    """anchor: --temperature-bound's (class temperatures, bound) in scaled units (temperature_anchor()); physics:
+    --generator-head physics's (cell model parameters, the data's scaler), needed with that flag."""
+    if args.generator_head == "physics" and physics is None:
+        raise ValueError("--generator-head physics: build_generator needs the cell model and the scaler")
     return Generator(args.generator_input_dim, N_FEATURES, seq_len, args.generator_dropout, args.model_scale,
                      args.norm_layout, args.generator_noise, n_classes, args.noise_time_steps,
-                     args.temperature_damping, anchor)
+                     args.temperature_damping, anchor, physics if args.generator_head == "physics" else None)
 
 
 def build_critic(args: argparse.Namespace, n_classes: int = 0) -> Discriminator:

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from arg_parser import merge_saved_args
+from cell_model import for_run as physics_for_run
 from common import UserError
 from lg_dataset import DataError, load_sidecar, unscale
 from metrics import coulomb_gap
@@ -27,8 +28,10 @@ HZ = 10                      # the LG drive cycles are logged at 10 Hz
 
 def load_generator(config: dict, epoch_dir: Path, device: torch.device) -> torch.nn.Module:
     """The run's generator, built from its saved flags exactly as the trainer built it, with the epoch's weights."""
-    generator = build_generator(merge_saved_args(config["args"], []), config["seq_len"],
-                                len(config.get("condition_classes") or []), config.get("temperature_anchor"))
+    args = merge_saved_args(config["args"], [])
+    physics = physics_for_run(args, None, config, epoch_dir.parent)   # a physics run's own cell model and scaler
+    generator = build_generator(args, config["seq_len"], len(config.get("condition_classes") or []),
+                                config.get("temperature_anchor"), physics)
     path = epoch_dir / "generator.pth"
     try:
         generator.load_state_dict(read_network(path))

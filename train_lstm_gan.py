@@ -32,7 +32,7 @@ class TrainLSTMGAN(GANTrainerBase):
 
     def build_models(self) -> tuple[nn.Module, nn.Module]:
         n_classes = len(self.class_names)
-        return (build_generator(self.args, self.seq_len, n_classes, self.temperature_anchor),
+        return (build_generator(self.args, self.seq_len, n_classes, self.temperature_anchor, self.physics),
                 build_critic(self.args, n_classes))
 
     def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:

@@ -124,3 +124,30 @@ def test_physics_head_holds_the_demand_and_reads_on_grain(params):
         assert set(changes) <= set(range(p, t, head.hold))
     out.sum().backward()
     assert all(raw.grad[..., k].abs().sum() > 0 for k in (0, 2, 3, 4))   # the temperature is the caller's input
+
+
+def test_physics_run_trains_resumes_and_generates(tiny_data, soc_model, tmp_path, capsys):
+    """--generator-head physics end to end on the tiny GAN: its config records the cell model, -r keeps the head,
+    generate.py rebuilds it from config.json alone, and a config without the model is refused in one line."""
+    import generate
+    from helpers import make_tiny_run
+    from run_dir import RunDir
+    from train_lstm_gan import main
+    run = make_tiny_run(tiny_data, soc_model, tmp_path / "results", "--generator-head", "physics", "-e", "2",
+                        "-s", "1")
+    config = json.loads((run / "config.json").read_text())
+    assert config["cell_model"] == cell_model.load(SHIPPED) and config["args"]["generator_head"] == "physics"
+    base = ["-r", run.name, "--results-dir", str(run.parent)]
+    assert main([*base, "-e", "3"]) == 0 and len(RunDir(run).read_losses()) == 4
+    assert main([*base, "-e", "4", "--generator-head", "none"]) == 2
+    assert "generator_head=none (run: physics)" in capsys.readouterr().err
+    out = tmp_path / "x.npy"
+    assert generate.main([*base, "-n", "3", "-o", str(out), "--seed", "0"]) == 0
+    current = np.load(out)[..., 1]   # physical units (A), as generate.py writes them
+    lsb = config["cell_model"]["sensor_lsb"][1]
+    assert np.abs(current / lsb - np.round(current / lsb)).max() < 0.05   # the current on its sensor's grain
+    del config["cell_model"]
+    (run / "config.json").write_text(json.dumps(config))
+    out.unlink()
+    assert generate.main([*base, "-n", "3", "-o", str(out)]) == 2
+    assert "without its cell_model" in capsys.readouterr().err and not out.exists()
