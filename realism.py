@@ -37,13 +37,21 @@ REFUSE_BELOW = 10             # too few to split into folds and held-out parts a
 # ----------------------------------------------------------------------------------------------------------------
 # features
 
+LEVELS = ("mean", "std", *(f"q{q:02d}" for q in QUANTILES), "range")
+
+
+def level_features() -> list[str]:
+    """The names of the level features alone (per channel: mean, spread, quantiles, range)."""
+    return [f"{c}_{k}" for c in CHANNELS for k in LEVELS]
+
+
 def feature_names() -> list[str]:
     """The names of window_features' columns, in order. I_mean is the net charge per unit time (discharge < 0)."""
     names = []
     for c in CHANNELS:
-        names += [f"{c}_mean", f"{c}_std", *(f"{c}_q{q:02d}" for q in QUANTILES), f"{c}_range",
-                  f"{c}_step_changed_share", f"{c}_step_mean_abs", f"{c}_step_std", f"{c}_step_std_over_mean_abs",
-                  f"{c}_step_p99_abs", f"{c}_step_kurtosis", *(f"{c}_acf_lag{k}" for k in LAGS)]
+        names += [*(f"{c}_{k}" for k in LEVELS), f"{c}_step_changed_share", f"{c}_step_mean_abs", f"{c}_step_std",
+                  f"{c}_step_std_over_mean_abs", f"{c}_step_p99_abs", f"{c}_step_kurtosis",
+                  *(f"{c}_acf_lag{k}" for k in LAGS)]
     return names + ["resistance", "resistance_residual_std"]
 
 
@@ -100,12 +108,17 @@ def lag_autocorrelation(v: np.ndarray, lag: int) -> np.ndarray:
 # the two classifiers
 
 def gbt_score(real: np.ndarray, fake: np.ndarray, seed: int = 0, scaler: dict | None = None, folds: int = 5,
-              top: int = 5, repeats: int = 5) -> dict:
+              top: int = 5, repeats: int = 5, features: list[str] | None = None) -> dict:
     """Gradient-boosted trees (sklearn's HistGradientBoostingClassifier, its defaults) learn real (1) vs synthetic
-    (0) from window_features; accuracy over stratified `folds`-fold cross-validation, so that every window is
-    held out once; the features that tell most: permutation importance (drop in held-out accuracy when one
-    feature is shuffled, mean over `repeats` shuffles and the folds), the `top` largest."""
-    features = np.concatenate([window_features(real, scaler), window_features(fake, scaler)])
+    (0) from window_features (or only the named `features`, e.g. the levels alone); accuracy over stratified
+    `folds`-fold cross-validation, so that every window is held out once; the features that tell most:
+    permutation importance (drop in held-out accuracy when one feature is shuffled, mean over `repeats` shuffles
+    and the folds), the `top` largest. One feature that tells alone takes all the importance: the others then
+    tell too, but are not needed (score them again without it)."""
+    names = feature_names()
+    keep = [names.index(f) for f in features] if features is not None else list(range(len(names)))
+    names = [names[k] for k in keep]
+    features = np.concatenate([window_features(real, scaler), window_features(fake, scaler)])[:, keep]
     labels = np.r_[np.ones(len(real), int), np.zeros(len(fake), int)]
     folds = min(folds, len(real), len(fake))
     correct, importance = 0, np.zeros(features.shape[1])
@@ -115,7 +128,6 @@ def gbt_score(real: np.ndarray, fake: np.ndarray, seed: int = 0, scaler: dict | 
         importance += permutation_importance(model, features[test], labels[test], scoring="accuracy",
                                              n_repeats=repeats, random_state=seed).importances_mean / folds
     accuracy = correct / len(labels)
-    names = feature_names()
     order = np.argsort(-importance)[:top]
     return {"score": abs(accuracy - 0.5), "accuracy": accuracy,
             "top_features": [[names[k], float(importance[k])] for k in order]}

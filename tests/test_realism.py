@@ -95,6 +95,10 @@ def test_gbt_is_at_chance_on_real_and_tells_corrupted_real(halves):
         assert len(r["top_features"]) == 5 and r["top_features"][0][1] >= r["top_features"][-1][1]
     told = realism.gbt_score(a, corrupted["continuous temperature"], seed=0, scaler=SCALER)["top_features"]
     assert told[0][0].startswith("T_step"), told     # what tells it apart is named
+    levels = realism.gbt_score(a, corrupted["shuffled steps"], seed=0, scaler=SCALER, top=3,
+                               features=realism.level_features())
+    assert levels["score"] <= 0.1                    # a shuffle keeps every level: told by the dynamics alone
+    assert len(levels["top_features"]) == 3 and all(n in realism.level_features() for n, _ in levels["top_features"])
 
 
 def test_gru_tells_shuffled_steps_stops_early_and_is_reproducible(halves):
