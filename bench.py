@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 
 import metrics
 from arg_parser import parse_arg
-from common import GLIBC_MMAP_THRESHOLD_MAX, cap_heap_growth, cli, resolve_device
+from common import (GLIBC_MMAP_THRESHOLD_MAX, OneLineParser, cap_heap_growth, cli, int_at_least, resolve_device,
+                    seed_type)
 from models import build_critic, build_generator
 from runtime import set_tf32, unwrap
 from sampling import labelled_sequences, real_steps
@@ -54,26 +55,39 @@ KEYS = ("measure", "impl", "device", "device_name", "dtype", "precision", "batch
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 
 
+# --quick: tiny shapes, the defaults of the flags not typed (typed flags still win)
+QUICK = {"batch": 16, "scale": 0.0625, "seq_len": 60, "gid": 16, "steps": 3, "warmup": 1, "check_steps": 2}
+
+
+def _scale(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 64:   # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 64], got {text}")
+    return value
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--scale", type=float, default=1.0, help="--model-scale of both networks")
-    p.add_argument("--seq-len", type=int, default=600)
-    p.add_argument("--gid", type=int, default=128, help="generator input dimension (-gid)")
-    p.add_argument("--steps", type=int, default=5, help="timed repetitions; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (allocator, cuDNN plans)")
+    p.add_argument("--batch", type=int_at_least(1), default=64)
+    p.add_argument("--scale", type=_scale, default=1.0, help="--model-scale of both networks")
+    p.add_argument("--seq-len", type=int_at_least(2), default=600)
+    p.add_argument("--gid", type=int_at_least(1), default=128, help="generator input dimension (-gid)")
+    p.add_argument("--steps", type=int_at_least(1), default=5, help="timed repetitions; the median is reported")
+    p.add_argument("--warmup", type=int_at_least(0), default=1,
+                   help="untimed repetitions first (allocator, cuDNN plans)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--impl", choices=["both", "fast", "reference"], default="both")
-    p.add_argument("--critic-chunk", type=int, default=0,
+    p.add_argument("--critic-chunk", type=int_at_least(0), default=0,
                    help="fast path: the critic step's passes in chunks of this many samples (0: whole batch); "
                         "exact up to rounding, peak memory follows the chunk")
     p.add_argument("--data", choices=["real", "random"], default="real",
                    help="real: windows of data/lg_600_data.npy (random when absent or --seq-len > 600)")
-    p.add_argument("--check-steps", type=int, default=3, help="critic steps of the equal-loss check (0: skip)")
-    p.add_argument("--label-seqs", type=int, default=None,
+    p.add_argument("--check-steps", type=int_at_least(0), default=3,
+                   help="critic steps of the equal-loss check (0: skip)")
+    p.add_argument("--label-seqs", type=int_at_least(0), default=None,
                    help="sequences labelled for the throughput figure (default 4000 on cuda, 4 on cpu)")
-    p.add_argument("--eval-seqs", type=int, default=0, metavar="N",
+    p.add_argument("--eval-seqs", type=int_at_least(0), default=0, metavar="N",
                    help="also time the trainer's snapshot evaluation at -ess N: generate + label N sequences, "
                         "then PCA and t-SNE of N real and N synthetic (0: skip)")
     p.add_argument("--profile", action="store_true",
@@ -81,13 +95,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-graph", action="store_true",
                    help="experimental, CUDA only: also time the fast critic step captured as one CUDA graph and "
                         "replayed (a fixed real batch; the eager step launches ~10^5 small kernels at 600 steps)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in well under a minute")
+    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes (batch 16, scale 1/16, 60 steps, -gid 16, 3 steps): a smoke run in well under a "
+                        "minute; typed flags still win")
     cfg = p.parse_args(argv)
-    if cfg.quick:   # every shape small; the code path is the same
-        cfg.batch, cfg.scale, cfg.seq_len, cfg.gid = 16, 0.0625, 60, 16
-        cfg.steps, cfg.warmup, cfg.check_steps = 3, 1, 2
+    if cfg.quick:   # every shape small unless typed; the code path is the same
+        p.set_defaults(**QUICK)
+        cfg = p.parse_args(argv)
         cfg.label_seqs = 4 if cfg.label_seqs is None else cfg.label_seqs
         # tiny shapes run fastest on one thread; two threads on two busy cores spin in OpenMP barriers
         cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else 0)
@@ -345,7 +361,7 @@ def measure_evaluation(cfg: argparse.Namespace, gan: WGANGP, soc: SOCEstimator) 
     generator = unwrap(gan.G).eval()
     sync(gan.device)
     t0 = time.perf_counter()
-    fake, _ = labelled_sequences(generator, soc, cfg.eval_seqs, cfg.seed, window, 256, gan.device)
+    fake = labelled_sequences(generator, soc, cfg.eval_seqs, cfg.seed, window, 256, gan.device).x
     sync(gan.device)
     t1 = time.perf_counter()
     rows = np.random.default_rng(cfg.seed).integers(len(gan.real), size=cfg.eval_seqs)

@@ -1,11 +1,14 @@
 """What every command shares: the one-line error for bad input (UserError, OneLineParser, cli), the device
-resolution, the one atomic file write and the small file helpers (project_default, sha256), and glibc's heap
-setting for the CPU steps."""
+resolution, the one atomic file write (and the pair of a data file with its sidecar), the small file helpers
+(project_default, sha256, check_writable), the seed's type, and glibc's heap setting for the CPU steps."""
 import argparse
 import ctypes
 import hashlib
 import json
 import os
+import re
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -38,14 +41,30 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+SEED_MAX = 2 ** 63 - 1   # torch's generators take 64 bits; the commands add small offsets (rank, round, epoch)
+
+
+def seed_type(text: str) -> int:
+    """An argparse type: a seed, an integer 0 .. 2**63 - 1 (numpy refuses negative seeds, torch those of > 64 bits)."""
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1 ({SEED_MAX}), got {text}")
+    return value
+
+
 def cli(run: Callable[[], object]) -> int:
-    """A command's main: its UserError becomes `error: ...` on stderr and exit code 2; an int that run returns is
-    the exit code, anything else means 0."""
+    """A command's main: its UserError becomes `error: ...` on stderr and exit code 2; Ctrl-C (KeyboardInterrupt)
+    one line and 130, as shells expect of a SIGINT (an atomic write under way leaves the previous file); an int that
+    run returns is the exit code, anything else means 0."""
     try:
         code = run()
     except UserError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped before finishing; files being written were not replaced",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
@@ -73,23 +92,112 @@ def resolve_device(name: str, gpus: list[int] | None = None) -> tuple[torch.devi
     return torch.device("cuda", ids[0]), ids
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# atomic writes
+
+TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp")   # .<name>.<pid>.tmp: a write in progress of process <pid>
+
+
+def temporary_path(path: Path) -> Path:
+    """Where this process writes path before renaming it into place: hidden, in the same folder (a rename within
+    one file system is atomic), named by the writer's pid so that a later writer can tell a dead one's."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (a zombie counts: its parent has not reaped it yet)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    except (OverflowError, ValueError):   # no process can have this id
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries (.<name>.<pid>.tmp, files or folders) that processes no longer running left in
+    folder: what a SIGKILL or a power cut leaves mid-write. Those of live processes stay (writes under way).
+    Pids are this machine's: on a folder shared between machines or PID namespaces, a live writer elsewhere looks
+    dead. -> the paths removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:   # no folder yet, or not readable: nothing to clean
+        return removed
+    for entry in entries:
+        match = TEMPORARY.fullmatch(entry.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:   # removed meanwhile by another writer, or not ours to remove
+            pass
+    return removed
+
+
+def _write_to(tmp: Path, content: str | bytes | Callable[[Path], object]) -> None:
+    if isinstance(content, str):
+        tmp.write_text(content, encoding="utf-8")
+    elif isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        content(tmp)
+
+
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
     """Write text, bytes, or whatever content(tmp_path) writes, to a hidden temporary file in path's folder, then
     rename it over path: a reader (or a resume) never sees half a file, and an interrupted or failed write (a full
-    disk) leaves the previous file as it was and no temporary file behind."""
+    disk, Ctrl-C) leaves the previous file as it was and no temporary file behind. A SIGKILL cannot be caught: it
+    leaves the temporary, which the next write into the same folder removes (remove_stale_temporaries)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path.parent)
+    tmp = temporary_path(path)
     try:
-        if isinstance(content, str):
-            tmp.write_text(content, encoding="utf-8")
-        elif isinstance(content, bytes):
-            tmp.write_bytes(content)
-        else:
-            content(tmp)
+        _write_to(tmp, content)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_pair(path: str | Path, content: str | bytes | Callable[[Path], object], sidecar: str | Path,
+                meta: dict, sidecar_first: bool, indent: int = 2) -> dict:
+    """A data file and the JSON sidecar that describes it, each written atomically, the sidecar with the data's
+    SHA-256 (data_sha256). Two renames cannot be one, so a SIGKILL between them leaves one file new and one old or
+    gone; the order makes that state one the reader refuses, never a data file beside another output's sidecar:
+    sidecar_first: the new sidecar replaces the old one, then the data: in between, the old data sits beside a
+    sidecar whose data_sha256 is not its own (lg_dataset.load_sidecar checks it). Otherwise the old sidecar is
+    removed first, then the data and the new sidecar renamed into place: in between, a data file has no sidecar
+    (what generate.py's readers refuse). -> the sidecar as written."""
+    path, sidecar = Path(path), Path(sidecar)
+    remove_stale_temporaries(path.parent)
+    remove_stale_temporaries(sidecar.parent)
+    tmp, side_tmp = temporary_path(path), temporary_path(sidecar)
+    try:
+        _write_to(tmp, content)
+        meta = {**meta, "data_sha256": sha256(tmp)}
+        side_tmp.write_text(json.dumps(meta, indent=indent) + "\n", encoding="utf-8")
+        if sidecar_first:
+            os.replace(side_tmp, sidecar)
+            os.replace(tmp, path)
+        else:
+            sidecar.unlink(missing_ok=True)
+            os.replace(tmp, path)
+            os.replace(side_tmp, sidecar)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise
+    return meta
 
 
 def atomic_json(path: str | Path, obj) -> None:
@@ -109,6 +217,13 @@ def project_default(path: str, default: str) -> Path:
     if path == default and not p.exists() and (PROJECT_DIR / default).exists():
         return PROJECT_DIR / default
     return p
+
+
+def check_writable(folder: str | Path, fix: str) -> None:
+    """Refuse, before any computing, a folder the outputs could not be written to (read-only file system, no write
+    permission; root passes permissions but not a read-only mount)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{folder}: not writable (read-only file system or no permission); {fix}")
 
 
 def sha256(path: Path) -> str:

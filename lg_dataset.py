@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import OneLineParser, UserError, atomic_npy, atomic_write, cli
+from common import OneLineParser, UserError, atomic_pair, atomic_write, cli, sha256
 
 log = logging.getLogger("lg_dataset")
 
@@ -415,7 +415,10 @@ def sidecar_path(npy_path: str | Path) -> Path:
 
 
 def load_sidecar(npy_path: str | Path) -> dict | None:
-    """The <stem>.json written next to an .npy by this module, or None when absent."""
+    """The <stem>.json written next to an .npy by this module, or None when absent; its scaler and file_index
+    checked, and, where it records the data's SHA-256 (data_sha256, written since the pair is written sidecar
+    first), that it describes this very .npy: a kill between the two renames leaves the new sidecar beside the old
+    data, refused here."""
     p = sidecar_path(npy_path)
     if not p.is_file():
         return None
@@ -427,14 +430,56 @@ def load_sidecar(npy_path: str | Path) -> dict | None:
         raise DataError(f"{p}: a sidecar must be a JSON object; rebuild it with python lg_dataset.py")
     if side.get("scaler") is not None:
         check_scaler(side["scaler"], p)
+    if side.get("file_index") is not None:
+        check_file_index(side["file_index"], p)
+    if side.get("data_sha256") is not None and Path(npy_path).is_file() \
+            and sha256(Path(npy_path)) != side["data_sha256"]:
+        raise DataError(f"{p}: describes another {Path(npy_path).name} (its data_sha256 is not the file's: the data "
+                        f"changed after the sidecar was written, or a write of the two was interrupted); rebuild "
+                        f"both with python lg_dataset.py")
     return side
+
+
+def temperature_of(name: object) -> float | None:
+    """'25degC' -> 25.0; None for anything else."""
+    if not isinstance(name, str) or not name.endswith("degC"):
+        return None
+    try:
+        value = float(name.removesuffix("degC"))
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def check_file_index(index: object, path: Path) -> None:
+    """A sidecar's file_index: a list of {"temp": "<T>degC", "start": i, "stop": j, ...} with 0 <= i <= j, one per
+    file (which windows [i, j) come from which file and ambient temperature)."""
+    def problem() -> str | None:
+        if not isinstance(index, list):
+            return f"is a {type(index).__name__}, not a list of entries"
+        for k, item in enumerate(index):
+            if not isinstance(item, dict):
+                return f"entry {k} is {json.dumps(item)[:40]}, not an object with temp, start and stop"
+            missing = [key for key in ("temp", "start", "stop") if key not in item]
+            if missing:
+                return f"entry {k} lacks {', '.join(missing)}"
+            if temperature_of(item["temp"]) is None:
+                return f"entry {k}'s temp {json.dumps(item['temp'])[:40]} is not a temperature like \"25degC\""
+            start, stop = item["start"], item["stop"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop)) \
+                    or not 0 <= start <= stop:
+                return f"entry {k}'s start {start!r} and stop {stop!r} are not window numbers 0 <= start <= stop"
+        return None
+    found = problem()
+    if found:
+        raise DataError(f"{path}: the file_index {found}; rebuild the data with python lg_dataset.py")
 
 
 def window_classes(meta: dict) -> tuple[np.ndarray, list[str]]:
     """Each window's ambient temperature class, from a sidecar's file_index -> (int64 [n] index into names,
     names sorted by temperature, e.g. ['0degC', '10degC', '25degC'])."""
     index = meta["file_index"]
-    names = sorted({item["temp"] for item in index}, key=lambda t: float(t.removesuffix("degC")))
+    names = sorted({item["temp"] for item in index}, key=temperature_of)
     classes = np.full(index[-1]["stop"], -1, np.int64)
     for item in index:
         classes[item["start"]:item["stop"]] = names.index(item["temp"])
@@ -492,9 +537,13 @@ def build(raw_dir: str | Path, entries: list[str], seq_len: int, stride: int, re
 
 
 def write_outputs(out: Path, windows: np.ndarray, meta: dict) -> None:
-    """The .npy, then its sidecar, each written atomically: a failure never leaves partial output."""
-    atomic_npy(out, windows)
-    atomic_write(sidecar_path(out), json.dumps(meta, indent=1) + "\n")
+    """The .npy and its sidecar, each written atomically, the sidecar first and with the data's SHA-256
+    (common.atomic_pair): a failure never leaves partial output, a kill between the renames a pair that
+    load_sidecar refuses."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, windows)
+    atomic_pair(out, save, sidecar_path(out), meta, sidecar_first=True, indent=1)
 
 
 # -----------------------------------------------------------------------------

@@ -1,25 +1,29 @@
-"""Issue 16, as a hostile user would try it, on tiny shapes: safe loading (no payload runs), one writer per run,
-the shipped SOC model never overwritten, late crashes caught at start, every bad input one line + exit 2 with
-nothing written, atomic writes, resume only on the run's own data, signals -> 130 / 143 after the checkpoint."""
+"""Issues 16 and 42, as a hostile user would try it, on tiny shapes: safe loading (no payload runs), one writer per
+run, the shipped SOC model never overwritten, late crashes caught at start, every bad input one line + exit 2 with
+nothing written, atomic writes (what a SIGKILL leaves removed by the next writer), resume only on the run's own data,
+signals -> 130 / 143 after the checkpoint, damaged run files one line naming them."""
 import errno
 import fcntl
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import bench
 import evaluate
 import generate
 import lg_dataset
 import run_dir
 import soc_estimator
 import train_soc_estimator as ts
-from common import atomic_write
+from common import atomic_write, sha256
 from helpers import read_losses, run_dirs, stop_training, tiny_args
 from soc_estimator import SOCLSTM, save_keras_h5
 from train_lstm_gan import main
@@ -230,15 +234,18 @@ def test_resume_of_a_damaged_run(damage, run, capsys):
 def test_a_results_dir_that_is_a_file(tiny_data, soc_model, tmp_path, capsys):
     results = tmp_path / "results"
     results.write_text("not a folder")
-    one_line_exit_2(main(tiny_args(tiny_data, soc_model, results)), capsys)
+    err = one_line_exit_2(main(tiny_args(tiny_data, soc_model, results)), capsys)
     assert results.read_text() == "not a folder"
+    assert "is a file" in err and "--results-dir" in err and "resume" not in err   # a new run: nothing to resume
 
 
 def test_disk_full_while_writing_the_checkpoint(run, monkeypatch, capsys):
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(run_dir.torch, "save", full)
-    assert "free some space" in one_line_exit_2(resume(run, "-e", "3"), capsys)
+    err = one_line_exit_2(resume(run, "-e", "3"), capsys)
+    assert "free some space" in err
+    assert f"-r {run.name} --results-dir {run.parent}" in err   # the whole command that resumes it
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
@@ -396,3 +403,197 @@ def test_sigterm_exits_143_after_the_checkpoint(tiny_data, soc_model, tmp_path):
     assert code == 143
     [run] = run_dirs(results)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == len(read_losses(run)) - 1
+
+
+# ---- issue 42, item 1: what a kill leaves ----------------------------------------------------------------------
+
+def killed(signame: str, target: str, match: str, module: str, *argv) -> subprocess.CompletedProcess:
+    """Run `python MODULE.py ARGV` and send it SIGNAL right after TARGET(...) returns (tests/kill_driver.py)."""
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "kill_driver.py"), signame, target, match, module,
+                           *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.name.endswith(".tmp"))
+
+
+def build_args(out: Path, entry: str = "0degC/589_Mixed1") -> list[str]:
+    return ["--raw-dir", str(MINI), "--out", str(out), "--files", entry, "--seq-len", "100"]
+
+
+@pytest.fixture()
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A copy of the module's tiny run (2 epochs, snapshots at 1 and 2, a scaler): damage it at will."""
+    run = tmp_path / "results" / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def test_a_kill_mid_write_leaves_a_temporary_that_the_next_writer_of_the_folder_removes(tmp_path):
+    out = tmp_path / "w.npy"
+    assert lg_dataset.main(build_args(out)) == 0
+    before = files(tmp_path)
+    done = killed("SIGKILL", "common._write_to", ".w.npy.", "lg_dataset", *build_args(out, "10degC/567_Mixed1"))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    [left] = temporaries(tmp_path)   # the kill leaves its temporary; the previous pair is untouched
+    assert left.name.startswith(".w.npy.") and {k: v for k, v in files(tmp_path).items() if k != left.name} == before
+    live = tmp_path / f".other.csv.{os.getpid()}.tmp"   # a write under way in a live process stays
+    live.write_text("half")
+    assert lg_dataset.main(build_args(tmp_path / "v.npy")) == 0   # the next write into the folder
+    assert temporaries(tmp_path) == [live]
+
+
+def test_a_kill_between_the_data_and_its_sidecar_leaves_a_pair_that_is_refused(soc_model, tmp_path, capsys):
+    out = tmp_path / "w.npy"
+    assert lg_dataset.main(build_args(out)) == 0
+    old = out.read_bytes()
+    done = killed("SIGKILL", "os.replace", "#1", "lg_dataset", *build_args(out, "10degC/567_Mixed1"))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    # the sidecar goes first: the new one now sits beside the old data, and says so by its data_sha256
+    assert out.read_bytes() == old and "10degC" in out.with_suffix(".json").read_text()
+    err = one_line_exit_2(main(tiny_args(out, soc_model, tmp_path / "results")), capsys)
+    assert "w.json" in err and "describes another w.npy" in err and not (tmp_path / "results").exists()
+    assert lg_dataset.main(build_args(out, "10degC/567_Mixed1")) == 0   # written again: consistent, nothing left
+    assert lg_dataset.load_sidecar(out)["data_sha256"] == sha256(out) and not temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("target, match, left_name", [("common._write_to", ".checkpoint.pt.", ".checkpoint.pt."),
+                                                     ("torch.save", "_epoch.", ".3_epoch.")])
+def test_a_killed_trainer_leaves_temporaries_that_the_resume_removes(target, match, left_name, run_copy):
+    run = run_copy
+    done = killed("SIGKILL", target, match, "train_lstm_gan", "-r", run.name, "--results-dir", run.parent,
+                  "-e", "3", "-s", "1")
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = [p for p in temporaries(run) if p.parent == run]   # the checkpoint's, or the snapshot's hidden folder
+    assert [p.name.startswith(left_name) for p in left] == [True], left
+    assert resume(run, "-e", "3", "-s", "1") == 0
+    assert not temporaries(run) and not list(run.glob(".*"))
+    assert (run / "3_epoch" / "generator.pth").is_file() and len(read_losses(run)) == 4
+
+
+def test_ctrl_c_in_generate_is_one_line_and_130(tiny_run, tmp_path):
+    out = tmp_path / "x.csv"
+    done = killed("SIGINT", "sampling.label", "#1", "generate", "-r", tiny_run.name, "--results-dir",
+                  tiny_run.parent, "-n", "8", "-o", out, "--device", "cpu")
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_130(run_copy):
+    before = files(run_copy)
+    done = killed("SIGINT", "metrics.pca_tsne", "#1", "evaluate", "-r", run_copy.name, "--results-dir",
+                  run_copy.parent, "--quick", "--device", "cpu", "--n-samples", "4")
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("interrupted")
+    assert files(run_copy) == before
+
+
+# ---- items 3, 5, 6: damaged run files, one line naming them, nothing written ------------------------------------
+
+def damage_config(run: Path, damage: str) -> None:
+    config = json.loads((run / "config.json").read_text())
+    if damage == "no_data_path":
+        del config["data_path"]
+    elif damage == "scaler_abc":
+        config["scaler"] = "abc"
+    elif damage == "bounded_without_anchor":   # a --temperature-bound run's generator is built with its anchor
+        config["args"]["temperature_bound"] = 4.0
+        config.pop("temperature_anchor", None)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "resume"])
+@pytest.mark.parametrize("damage", ["no_data_path", "scaler_abc", "bounded_without_anchor"])
+def test_a_damaged_config_entry_is_one_line(damage, command, run_copy, capsys):
+    run, results = run_copy, run_copy.parent
+    damage_config(run, damage)
+    before = files(results)
+    if command == "generate":
+        code = generate.main(["-r", run.name, "--results-dir", str(results), "-o", str(results / "x.csv"),
+                              "--device", "cpu"])
+    elif command == "evaluate":
+        code = evaluate.main(["-r", run.name, "--results-dir", str(results), "--quick", "--device", "cpu"])
+    else:
+        code = resume(run, "-e", "3")
+    err = one_line_exit_2(code, capsys)
+    assert "config.json" in err and ("data_path" in err or "scaler" in err or "temperature_anchor" in err), err
+    assert files(results) == before
+
+
+@pytest.mark.parametrize("damage", ["format_only", "epoch_two", "rng_empty", "rng_strings"])
+def test_a_damaged_checkpoint_entry_is_one_line(damage, run_copy, capsys):
+    ckpt = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    if damage == "format_only":
+        ckpt = {"format": 2}
+    elif damage == "epoch_two":
+        ckpt["epoch"] = "two"
+    elif damage == "rng_empty":
+        ckpt["rng"] = []
+    else:
+        ckpt["rng"] = ["a", "b"]
+    torch.save(ckpt, run_copy / "checkpoint.pt")
+    before = files(run_copy)
+    err = one_line_exit_2(resume(run_copy, "-e", "3"), capsys)
+    assert "checkpoint.pt" in err and "process(es)" not in err and "start a new run" in err
+    assert files(run_copy) == before
+
+
+def test_a_losses_csv_cut_in_half_is_one_line_for_the_curve_and_the_resume(run_copy, capsys):
+    path = run_copy / "losses.csv"
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])   # row 1 cut, row 2 gone
+    before = files(run_copy)
+    code = evaluate.main(["-r", run_copy.name, "--results-dir", str(run_copy.parent), "--curve", "--device", "cpu"])
+    assert "losses.csv" in one_line_exit_2(code, capsys)
+    err = one_line_exit_2(resume(run_copy, "-e", "3"), capsys)
+    assert "losses.csv" in err and "epoch 2" in err
+    assert files(run_copy) == before
+
+
+def test_a_row_cut_by_a_kill_after_the_checkpoint_is_trained_again(run_copy):
+    with open(run_copy / "losses.csv", "a") as f:
+        f.write("3,0.12")   # epoch 3's row, cut mid-write (the checkpoint is at 2)
+    assert resume(run_copy, "-e", "3") == 0
+    rows = read_losses(run_copy)
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3"] and all(len(r) == 6 for r in rows)
+
+
+@pytest.mark.parametrize("index", [{"a": 1}, ["0degC", "25degC"], [{"temp": "0degC", "start": 0}],
+                                   [{"temp": "hot", "start": 0, "stop": 24}]],
+                         ids=["dict", "strings", "no_stop", "temp_hot"])
+def test_a_damaged_file_index_is_one_line(index, tiny_data, soc_model, tmp_path, capsys):
+    data = tmp_path / "d.npy"
+    shutil.copyfile(tiny_data, data)
+    data.with_suffix(".json").write_text(json.dumps({"file_index": index}))
+    code = main(tiny_args(data, soc_model, tmp_path / "results", "--condition", "temperature"))
+    err = one_line_exit_2(code, capsys)
+    assert "d.json" in err and "file_index" in err and "python lg_dataset.py" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_soc_estimator_names_the_input_that_holds_nan(soc_model, tmp_path, capsys):
+    seq = tmp_path / "seq.npy"
+    x = np.random.default_rng(0).random((3, 30, 3), dtype=np.float32)
+    x[1, 5, 0] = np.nan
+    np.save(seq, x)
+    code = soc_estimator.main(["--model", str(soc_model), "--input", str(seq), "--output", str(tmp_path / "so"),
+                               "--window", "20", "--device", "cpu"])
+    err = one_line_exit_2(code, capsys)
+    assert err.startswith(f"error: {seq}:") and "NaN" in err and soc_model.name not in err
+    assert not list(tmp_path.glob("so*"))
+
+
+def test_bench_quick_keeps_the_typed_shapes():
+    cfg = bench.parse(["--device", "cpu", "--quick", "--batch", "8", "--scale", "0.125"])
+    assert (cfg.batch, cfg.scale, cfg.seq_len, cfg.gid) == (8, 0.125, 60, 16)
+    assert (bench.parse(["--device", "cpu", "--quick"]).batch, bench.parse(["--device", "cpu"]).batch) == (16, 64)
+
+
+@pytest.mark.parametrize("flags", [["--batch", "0"], ["--scale", "1e308"], ["--seq-len", "1"], ["--steps", "-1"],
+                                   ["--seed", str(2 ** 64)]])
+def test_bench_refuses_its_own_flags_by_its_own_names(flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse(["--device", "cpu", *flags])
+    err = one_line_exit_2(exc.value.code, capsys)
+    assert flags[0] in err and "bench.py" in err and "train_lstm_gan" not in err
