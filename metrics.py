@@ -18,11 +18,12 @@ from sklearn.manifold import TSNE
 from torch import nn
 from torch.nn import functional as F
 
+from soc_estimator import SOCLSTM, counted_soc
+
 FEATURES = ("V", "I", "T", "SOC")
 V_LIMITS = (2.5, 4.2)     # volts: LG 18650HG2 datasheet discharge cut-off and charge voltage
 T_MARGIN = 5.0            # degC allowed beyond the training data's min..max temperature (the scaler's range)
 SOC_RISE_TOL = 1e-4       # SOC per 0.1 s step; the real training windows never rise by more while discharging
-STEP_S = 0.1              # seconds per step (the LG data's 10 Hz)
 # SOC %: a sequence whose labels stray further from the charge count fails. Real windows' own SOC: 0.006 % mean,
 # 0.07 % max; the SOC estimator's labels of real windows: 0.6 % mean, 1.7 % max (24 windows), its own jitter
 COULOMB_TOL_PCT = 2.0
@@ -75,11 +76,13 @@ METRIC_DOCS = {
                             "the SOC label, with the current",
     "phys_soc_out_of_range": "lower: share of synthetic steps with SOC outside [0, 1]",
     "phys_soc_rise_while_discharging": "lower: of the synthetic steps with current < 0 (discharge), the share "
-                                       "where SOC rises by more than 1e-4 from the previous step",
+                                       "where SOC rises by more than 1e-4 from the previous step (0 by "
+                                       "construction with fused labels: they follow the current)",
     "soc_coulomb_error": "lower: mean over sequences of the mean |SOC_t - SOC_0 - sum(I dt) / (3600 Q)| over each "
                          "sequence's steps, in SOC %: the labels against charge counting (I in A, discharge "
                          "negative; Q: capacity of the training temperature nearest the sequence's mean "
-                         "temperature, from the data sidecar)",
+                         "temperature, from the data sidecar); 0 up to float rounding with fused labels, which "
+                         "are made of the same count",
     "soc_coulomb_fail_share": "lower: share of sequences whose coulomb error exceeds 2 % SOC (the SOC "
                               "estimator's labels of real windows stay under 1.7 %)",
     "<class>/t_mean_gap": "closer to 0: a conditional class's synthetic mean temperature minus its real windows' "
@@ -203,16 +206,11 @@ def resistance_line(v: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def coulomb_gap(x: np.ndarray, scaler: dict) -> np.ndarray:
     """x [n, L, 4] scaled V, I, T + SOC -> [n] mean |SOC_t - SOC_0 - charge counted since step 0| in SOC %.
-    Q per sequence: the scaler's capacity (Ah) of the training temperature nearest its mean temperature."""
-    lo, hi = np.asarray(scaler["min"], np.float64), np.asarray(scaler["max"], np.float64)
-    current = x[..., 1].astype(np.float64) * (hi[1] - lo[1]) + lo[1]
-    temp = x[..., 2].astype(np.float64).mean(1) * (hi[2] - lo[2]) + lo[2]
-    classes = {float(k.removesuffix("degC")): q for k, q in scaler["capacity_ah"].items()}
-    centres = np.array(sorted(classes))
-    q = np.array([classes[c] for c in centres])[np.abs(temp[:, None] - centres).argmin(1)]
-    counted = np.cumsum(current[:, :-1] * STEP_S, axis=1) / (3600.0 * q[:, None])
+    The charge count is soc_estimator.counted_soc (Q per sequence: the scaler's capacity of the training temperature
+    nearest its mean temperature), the one the fused labels are made of: their gap is 0 up to float rounding."""
+    counted = counted_soc(x, scaler)
     soc = x[..., 3].astype(np.float64)
-    return np.abs(soc[:, 1:] - soc[:, :1] - counted).mean(1) * 100
+    return np.abs(soc[:, 1:] - soc[:, :1] - counted[:, 1:]).mean(1) * 100
 
 
 def per_class(real: np.ndarray, real_classes: np.ndarray, fake: np.ndarray, fake_classes: np.ndarray,
@@ -395,7 +393,6 @@ def soc_tstr(fake: np.ndarray, test_windows: np.ndarray, train_windows: np.ndarr
     The window is min(synthetic steps, test steps): the paper's 300 at full size; the test windows' last steps.
     The budget (epochs, batch 128, lr 1e-3) is far below the paper's (1000 epochs, batch 32, lr 1e-5): the
     numbers compare runs and TSTR with TRTR, not with the paper's estimator accuracy."""
-    from soc_estimator import SOCLSTM   # the estimator module is only needed for this metric
     window = min(fake.shape[1], test_windows.shape[1])
     rng = np.random.default_rng(seed + 2)
     sets = {"tstr": soc_windows(fake, window)}

@@ -240,6 +240,41 @@ def test_coulomb_capacity_follows_the_sequence_temperature():
     assert gap[0] < 1e-9 and gap[1] == pytest.approx(np.mean(np.arange(1, 11) * 0.0001 / 4) * 100)
 
 
+def test_coulomb_gap_is_the_labellers_charge_count_and_unchanged():
+    """metrics.coulomb_gap counts charge with soc_estimator.counted_soc (one count in the project), and gives what
+    its own count gave before, bit for bit, on real windows."""
+    from soc_estimator import counted_soc
+    windows = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::40, :200].astype(np.float32)
+    scaler = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
+    gap = metrics.coulomb_gap(windows, scaler)
+    soc = windows[..., 3].astype(np.float64)
+    assert np.array_equal(gap, np.abs(soc[:, 1:] - soc[:, :1] - counted_soc(windows, scaler)[:, 1:]).mean(1) * 100)
+    # the count metrics.py had of its own before (commit c2dc250)
+    lo, hi = np.asarray(scaler["min"], np.float64), np.asarray(scaler["max"], np.float64)
+    current = windows[..., 1].astype(np.float64) * (hi[1] - lo[1]) + lo[1]
+    temp = windows[..., 2].astype(np.float64).mean(1) * (hi[2] - lo[2]) + lo[2]
+    classes = {float(k.removesuffix("degC")): q for k, q in scaler["capacity_ah"].items()}
+    centres = np.array(sorted(classes))
+    q = np.array([classes[c] for c in centres])[np.abs(temp[:, None] - centres).argmin(1)]
+    counted = np.cumsum(current[:, :-1] * 0.1, axis=1) / (3600.0 * q[:, None])
+    assert np.array_equal(gap, np.abs(soc[:, 1:] - soc[:, :1] - counted).mean(1) * 100)
+
+
+def test_quick_metrics_work_with_fused_labels(soc_model):
+    """Real V, I, T with fused labels (a random-weight estimator's level: whatever the readings): the quick metrics
+    come out finite, with no coulomb gap and no SOC rising while the current discharges."""
+    from soc_estimator import SOCEstimator
+    windows = np.ascontiguousarray(np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::100][:20, :60])
+    scaler = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
+    fused = windows.copy()
+    fused[..., 3], _ = SOCEstimator.load(soc_model).fused_labels(windows[..., :3], scaler, window=20)
+    quick = metrics.quick_metrics(windows, fused, scaler, seed=0)
+    assert all(np.isfinite(v) for v in quick.values())
+    assert quick["soc_coulomb_error"] < 1e-4 and quick["soc_coulomb_fail_share"] == 0
+    assert quick["phys_soc_rise_while_discharging"] == 0
+    assert quick["w1_V"] == quick["w1_I"] == quick["w1_T"] == 0 < quick["w1_SOC"]   # only the labels differ
+
+
 def test_class_temperature_gap_and_match_by_hand():
     """Three classes at scaled temperatures 0.1, 0.4, 0.9 (a 30 degC range): class 0's synthetic sequences at
     their own level match it, at 25 degC's level they match nothing of class 0 and are 24 degC off."""
