@@ -1,16 +1,17 @@
 """Command-line flags of train_lstm_gan.py, in four groups (-h shows them so; docs/flags.md is the full reference):
-the paper's flags, run control, corrected variants, extensions. --preset NAME reads presets/NAME.json, a JSON object
-of flag values (by dest, e.g. "model_scale": 0.125) that become the defaults: typed flags still win. 'paper' is the
-paper's settings (no file)."""
+the paper's flags, run control, corrected variants, extensions; and the files two of them name (the SOC model, the
+result notebook). --preset NAME reads presets/NAME.json, a JSON object of flag values (by dest, e.g.
+"model_scale": 0.125) that become the defaults: typed flags still win. 'paper' is the paper's settings (no file)."""
 import argparse
 import json
 import math
 from pathlib import Path
 
-from common import OneLineParser, UserError, int_at_least
+from common import OneLineParser, UserError, int_at_least, project_default
 
 PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+SHIPPED_SOC_MODEL = Path(__file__).resolve().parent / "soc_models" / "lg_positive_temp_300_steps.h5"
 # flags that change the shapes or the meaning of the saved networks: a resumed run must keep them
 ARCH_FLAGS = ("generator_input_dim", "model_scale", "norm_layout", "critic_norm", "critic_readout", "generator_noise",
               "noise_time_steps", "condition", "critic_residual", "temperature_damping", "temperature_bound",
@@ -275,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-metrics", choices=["quick", "all"], default="quick",
                      help="metrics written to <N>_epoch/metrics.json at every -s epoch: quick (distribution distances, "
                           "physics checks) or all (adds discriminative, predictive and TSTR scores; slower)")
+    run.add_argument("--soc-labels", choices=["estimator", "fused"], default="estimator",
+                     help="the SOC labels of the snapshots' fake_data.npy (over the same steps either way): "
+                          "estimator: the estimator's reading of the window ending at each step (the paper); fused: "
+                          "the level of 4 estimator readings plus the charge counted from the current "
+                          "(soc_estimator.fused_labels; 75x cheaper, needs the data sidecar's capacity_ah), each "
+                          "sequence's spread in soc_spread.npy")
     run.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                      help="fp32: the faithful numerics (TF32 off, also in cuDNN); tf32: TF32 matmuls and cuDNN on "
                           "Ampere+ GPUs; bf16: bfloat16 autocast of the networks (losses and optimizer stay fp32)")
@@ -303,6 +310,33 @@ def parse_arg(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**preset)
         args = parser.parse_args(argv)
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the files the flags name
+
+def resolve_soc_model(args: argparse.Namespace) -> Path:
+    """-socmp/-socm, or the model shipped in soc_models/ when the authors' default file is absent."""
+    default_dir = build_parser().get_default("soc_estimator_model_path")
+    path = project_default(str(Path(args.soc_estimator_model_path) / args.soc_estimator_model),
+                           str(Path(default_dir) / PAPER_SOC_MODEL))
+    if path.is_file():
+        return path
+    if args.soc_estimator_model == PAPER_SOC_MODEL and args.soc_estimator_model_path == default_dir:
+        if not SHIPPED_SOC_MODEL.is_file():
+            raise UserError(f"{SHIPPED_SOC_MODEL}: the shipped SOC model is missing; restore it with git or "
+                            f"pass -socmp/-socm")
+        print(f"notice: {path} (the authors' SOC model) is absent; using {SHIPPED_SOC_MODEL}")
+        return SHIPPED_SOC_MODEL
+    raise UserError(f"{path}: SOC estimator model not found; check -socmp/-socm")
+
+
+def resolve_notebook(args: argparse.Namespace) -> Path:
+    """-n: the result notebook copied into the run folder (the project's own when started from elsewhere)."""
+    notebook = project_default(args.result_notebook, build_parser().get_default("result_notebook"))
+    if not notebook.is_file():
+        raise UserError(f"{args.result_notebook}: result notebook not found; pass an existing notebook with -n")
+    return notebook
 
 
 def merge_saved_args(saved: dict, argv: list[str] | None = None) -> argparse.Namespace:

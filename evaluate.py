@@ -8,11 +8,13 @@
 Writes into <run>/<N>_epoch/:
     metrics.json            flat {name: number} (merged into an existing file: the trainer's quick metrics)
     metrics_repeats.json    with --repeats N: each metric at seeds --seed .. --seed+N-1, mean and standard deviation
-    metrics_settings.json   seed, sample sizes, training budgets, data files, fixed limits, what each key means
+    metrics_settings.json   seed, sample sizes, the SOC labels the scored sample carries (soc_labels: estimator or
+                            fused), training budgets, data files, fixed limits, what each key means
     pca.png, tsne.png       the paper's PCA and t-SNE of the per-step feature means, real vs synthetic
     sequences.png, marginals.png, acf.png   example sequences, value histograms, autocorrelation, physical units
 
-The synthetic data are the epoch's fake_data.npy (labelled by the trainer), or --generate N fresh ones. The real
+The synthetic data are the epoch's fake_data.npy (labelled by the trainer; fake_data.npy.json says how), or
+--generate N fresh ones, labelled by --soc-labels (estimator, the paper's, or fused), over the same steps. The real
 reference is the run's training data (or --real) over the same steps as the synthetic data; PCA/t-SNE compare the
 same steps too unless --pca-segment paper (the original: real steps 0..L-1 vs synthetic steps T-L-1..T-2).
 The TSTR/TRTR SOC task tests on --test (the real test cycles). Same --seed, same numbers on CPU.
@@ -37,7 +39,7 @@ import metrics
 from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
 from lg_dataset import data_classes
 from run_dir import RunDir
-from sampling import class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
+from sampling import check_labels, class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TEST_DATA = "data/lg_test_300_data.npy"
@@ -173,7 +175,8 @@ def sample_metrics(args: argparse.Namespace, run_dir: Path, config: dict, epoch_
     if args.generate:
         if config.get("condition_classes"):   # a conditional run: its training shares, grouped by class
             classes = class_counts(config["condition_shares"], args.generate)
-        fake, _ = synthesize(run_dir, config, epoch_dir, args.generate, seed, device, classes=classes)
+        fake = synthesize(run_dir, config, epoch_dir, args.generate, seed, device, classes=classes,
+                          labels=args.soc_labels).x
     else:
         fake = load_array(epoch_dir / "fake_data.npy", "synthetic data")
     if args.quick:
@@ -206,6 +209,7 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     real = real_steps(real_all, config["seq_len"], window, "aligned")
     values, fake = sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, scaler, device, args.seed)
     length = fake.shape[1]
+    labels = args.soc_labels if args.generate else snapshot_labels(epoch_dir)
     # one sample's metrics move with the sample (the flat MMD of one model by up to 2x between seeds): more
     # samples, each drawn and scored as the first with the next seeds, give the spread
     seeds = list(range(args.seed, args.seed + args.repeats))
@@ -235,7 +239,7 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     atomic_json(epoch_dir / "metrics_settings.json", {
         "epoch": epoch, "seed": args.seed, "repeats": args.repeats, "device": str(device), "quick": args.quick,
         "fake": f"--generate {args.generate}" if args.generate else str(epoch_dir / "fake_data.npy"),
-        "n_fake": len(fake), "n_real": len(real_all), "steps": length,
+        "n_fake": len(fake), "soc_labels": labels, "n_real": len(real_all), "steps": length,
         "real_steps": [config["seq_len"] - 1 - length, config["seq_len"] - 2],
         "real_data": str(args.real_path), "test_data": None if test is None else str(args.test_path),
         "n_samples": args.n_samples, "post_hoc_epochs": args.epochs, "post_hoc_hidden": args.hidden,
@@ -245,6 +249,12 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
         "seconds": round(time.time() - started, 2), "docs": metrics.METRIC_DOCS,
     })
     return values
+
+
+def snapshot_labels(epoch_dir: Path) -> str:
+    """The SOC labels the trainer gave the epoch's fake_data.npy (its sidecar; a snapshot without one was written
+    before fused labels existed: the estimator's)."""
+    return read_json(epoch_dir / "fake_data.npy.json").get("soc_labels", "estimator")
 
 
 def read_json(path: Path) -> dict:
@@ -268,10 +278,11 @@ def epoch_arg(text: str) -> int | str:
 # ----------------------------------------------------------------------------------------------------------------
 # learning curve
 
-def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int, soc=None) -> dict[str, float]:
+def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int, soc=None,
+                labels: str = "estimator") -> dict[str, float]:
     """The quick metrics of real against real: disjoint samples of n windows each, over the synthetic steps. With
-    an SOC estimator, the second sample's SOC is the estimator's label instead of the coulomb count: what a
-    generator whose V, I, T were real would score, since its SOC is labelled the same way."""
+    an SOC estimator, the second sample's SOC is labelled as the run labels its snapshots (labels: estimator or
+    fused) instead of the coulomb count: what a generator whose V, I, T were real would score."""
     window = config["args"]["soc_estimator_step"]
     real = real_steps(real_all, config["seq_len"], window, "aligned")
     n = min(n, len(real) // 2)
@@ -279,18 +290,20 @@ def curve_floor(real_all: np.ndarray, config: dict, n: int, seed: int, soc=None)
     other = real[idx[n:2 * n]]
     if soc is not None:
         first, length = steps_kept(config["seq_len"], window, "paper")
-        other = label(soc, real_all[idx[n:2 * n], :, :3], window, first, length)
+        other, _ = label(soc, real_all[idx[n:2 * n], :, :3], window, first, length, labels=labels,
+                         scaler=run_scaler(config))
     return metrics.quick_metrics(real[idx[:n]], other, run_scaler(config), seed)
 
 
 def labelled_floor(run_dir: Path, config: dict, real_all: np.ndarray, n: int, seed: int,
                    device: torch.device) -> dict[str, float]:
-    """curve_floor with estimator labels, kept in curve.json: labelling n windows takes a minute on a CPU."""
-    cached = read_json(run_dir / "curve.json")
-    if (cached.get("floor_seed"), cached.get("floor_windows")) == (seed, min(n, len(real_all) // 2)) \
-            and cached.get("floor_labelled"):
+    """curve_floor with the run's SOC labels (--soc-labels as it trains now), kept in curve.json: labelling n
+    windows with the estimator's labels takes a minute on a CPU."""
+    cached, labels = read_json(run_dir / "curve.json"), config["args"].get("soc_labels", "estimator")
+    if (cached.get("floor_seed"), cached.get("floor_windows"), cached.get("floor_soc_labels", "estimator")) == \
+            (seed, min(n, len(real_all) // 2), labels) and cached.get("floor_labelled"):
         return cached["floor_labelled"]
-    return curve_floor(real_all, config, n, seed, load_soc(config, run_dir, device))
+    return curve_floor(real_all, config, n, seed, load_soc(config, run_dir, device), labels)
 
 
 def loss_columns(run: RunDir) -> dict[str, np.ndarray]:
@@ -348,6 +361,7 @@ def plot_curve(run_dir: Path, config: dict, real_all: np.ndarray, seed: int, dev
     atomic_json(run_dir / "curve.json", {"epochs": epochs, "metrics": {k: [snapshots[n].get(k) for n in epochs]
                                                                       for k in keys},
                                         "floor": floor, "floor_labelled": floor_labelled, "floor_seed": seed,
+                                        "floor_soc_labels": config["args"].get("soc_labels", "estimator"),
                                         "floor_windows": min(config["args"]["evaluate_sample_size"],
                                                              len(real_all) // 2)})
     return out
@@ -368,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first, metrics_repeats.json every seed's values, their mean and standard deviation")
     p.add_argument("--generate", type=int_at_least(1), default=None, metavar="N",
                    help="evaluate N freshly generated sequences instead of the epoch's fake_data.npy")
+    p.add_argument("--soc-labels", choices=["estimator", "fused"], default=None,
+                   help="with --generate: the fresh sequences' SOC labels: estimator (the paper's, the default) or "
+                        "fused (the estimator's level plus charge counting; needs the run's scaler with "
+                        "capacity_ah); without --generate, fake_data.npy carries the trainer's (its sidecar says)")
     p.add_argument("--n-samples", type=int_at_least(4), default=1000,
                    help="sequences per set for the post-hoc models, PCA/t-SNE and plots (at least 4: PCA, t-SNE "
                         "and the unbiased MMD need a few per set)")
@@ -406,6 +424,11 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"{run_dir}: --by-temperature is for an unconditional run; this conditional run's "
                             f"metrics are per class already (evaluate it with --generate N)")
         data_classes(args.real_path, len(real_all))   # refused here, before any file is written, without classes
+    if args.soc_labels is not None and not args.generate:
+        raise UserError(f"{run_dir}: --soc-labels {args.soc_labels} labels fresh sequences; add --generate N (the "
+                        f"epoch's fake_data.npy carries the labels the trainer gave it)")
+    args.soc_labels = args.soc_labels or "estimator"
+    check_labels(args.soc_labels, run_scaler(config), run_dir / "config.json")
     if args.repeats > 1 and not args.generate:
         raise UserError(f"{run_dir}: --repeats {args.repeats} scores fresh samples; add --generate N")
     if args.curve:

@@ -1,6 +1,6 @@
 """The loop that trains a GAN of this project: GANTrainerBase opens or resumes a run (run_dir.RunDir), trains its
 epochs with wgan_gp.WGANGP, writes losses, snapshots and checkpoints, and stops cleanly at a signal; a subclass
-supplies the networks and their optimizers. Beside it: what a run starts from (resume, --init-from, SOC model,
+supplies the networks and their optimizers. Beside it: what a run starts from (resume, --init-from,
 classes) and what it records (config.json, the snapshot's evaluation, the checks before the first epoch)."""
 import argparse
 import json
@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
-from arg_parser import ARCH_FLAGS, PAPER_SOC_MODEL, build_parser, merge_saved_args
+from arg_parser import ARCH_FLAGS, build_parser, merge_saved_args, resolve_notebook, resolve_soc_model
 from cell_model import for_run as physics_for_run
 from common import UserError, project_default, resolve_device, sha256
 from extensions import TermSettings, generator_terms
@@ -27,12 +27,11 @@ from lg_dataset import LGDataset, data_classes, load_sidecar
 from run_dir import RunDir, read_network
 from runtime import (all_rng_states, any_rank, init_distributed, pick_critic_chunk, rng_state, seed_everything,
                      set_rng_state, shared_seed, unwrap)
-from sampling import labelled_sequences, real_steps
+from sampling import check_labels, labelled_sequences, labels_record, real_steps
 from soc_estimator import SOCEstimator
 from wgan_gp import WGANGP, WGANGPSettings
 
 PROJECT_DIR = Path(__file__).resolve().parent
-SHIPPED_SOC_MODEL = PROJECT_DIR / "soc_models" / "lg_positive_temp_300_steps.h5"
 REAL_SAMPLE_SAVED = 64   # real windows kept per epoch folder for the notebook's real-vs-synthetic plots
 MIN_EVAL_SAMPLES = 4     # -ess below this: too few sequences for PCA, t-SNE and the unbiased MMD
 DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before training
@@ -40,30 +39,6 @@ DRY_RUN_SAMPLES = 8      # sequences of the evaluation's trial run before traini
 
 # ----------------------------------------------------------------------------------------------------------------
 # what a run starts from
-
-def resolve_soc_model(args: argparse.Namespace) -> Path:
-    """-socmp/-socm, or the model shipped in soc_models/ when the authors' default file is absent."""
-    default_dir = build_parser().get_default("soc_estimator_model_path")
-    path = project_default(str(Path(args.soc_estimator_model_path) / args.soc_estimator_model),
-                           str(Path(default_dir) / PAPER_SOC_MODEL))
-    if path.is_file():
-        return path
-    if args.soc_estimator_model == PAPER_SOC_MODEL and args.soc_estimator_model_path == default_dir:
-        if not SHIPPED_SOC_MODEL.is_file():
-            raise UserError(f"{SHIPPED_SOC_MODEL}: the shipped SOC model is missing; restore it with git or "
-                            f"pass -socmp/-socm")
-        print(f"notice: {path} (the authors' SOC model) is absent; using {SHIPPED_SOC_MODEL}")
-        return SHIPPED_SOC_MODEL
-    raise UserError(f"{path}: SOC estimator model not found; check -socmp/-socm")
-
-
-def resolve_notebook(args: argparse.Namespace) -> Path:
-    """-n: the result notebook copied into the run folder (the project's own when started from elsewhere)."""
-    notebook = project_default(args.result_notebook, build_parser().get_default("result_notebook"))
-    if not notebook.is_file():
-        raise UserError(f"{args.result_notebook}: result notebook not found; pass an existing notebook with -n")
-    return notebook
-
 
 def load_snapshot(gan: "WGANGP", folder: Path) -> None:
     """--init-from: a snapshot's networks into a new run's generator (and its running average) and critic."""
@@ -259,8 +234,11 @@ class GANTrainerBase(ABC):
             torch.save(self.gan.sampled_generator.state_dict(), folder / "generator.pth")
             torch.save(unwrap(self.D).state_dict(), folder / "discriminator.pth")
             arrays, quality = evaluation(self, epoch, self.args.evaluate_sample_size)
-            for name, array in arrays.items():
+            for name, array in arrays.items():   # with fused labels also soc_spread.npy, each sequence's spread
                 np.save(folder / f"{name}.npy", array)
+            # which SOC labels fake_data.npy, the sample metrics.json scores, carries (metrics.json: numbers only)
+            labels = labels_record(self.args.soc_labels, self.seq_len, self.args.soc_estimator_step)
+            (folder / "fake_data.npy.json").write_text(json.dumps(labels | {"steps_kept": "paper"}, indent=2))
             (folder / "metrics.json").write_text(json.dumps(quality, indent=2))
         self.run.commit_epoch(epoch, fill)
 
@@ -377,14 +355,15 @@ def evaluation(trainer: GANTrainerBase, epoch: int, n: int) -> tuple[dict[str, n
     training = generator.training
     generator.eval()
     try:
-        fake, _ = labelled_sequences(generator, t.soc, n, eval_seed, a.soc_estimator_step, a.batch_size, t.device,
-                                     classes=classes)
+        fake, _, spread = labelled_sequences(generator, t.soc, n, eval_seed, a.soc_estimator_step, a.batch_size,
+                                             t.device, classes=classes, labels=a.soc_labels, scaler=t.scaler)
     finally:
         generator.train(training)
 
     def real(rows: np.ndarray, segment: str = "aligned") -> np.ndarray:
         return real_steps(t.real_data[rows], t.seq_len, a.soc_estimator_step, segment)
-    arrays = {"fake_data": fake, "real_data": real(idx[:REAL_SAMPLE_SAVED])}
+    arrays = {"fake_data": fake, "real_data": real(idx[:REAL_SAMPLE_SAVED])} | ({} if spread is None else
+                                                                               {"soc_spread": spread})
     nonfinite = float(1 - np.isfinite(fake).mean())
     if nonfinite > 0:   # a diverged generator: recorded (no embedding or metric of NaNs), training goes on
         return arrays, {"nonfinite_share": nonfinite}
@@ -428,6 +407,7 @@ def check_inputs(trainer: GANTrainerBase) -> None:
     if a.mode_seeking and t.batch_size < 2:
         raise UserError(f"--mode-seeking {a.mode_seeking}: the generator step compares pairs of samples, and each "
                         f"process has a batch of {t.batch_size}; use -b {2 * t.world} or more, or --mode-seeking 0")
+    check_labels(a.soc_labels, t.scaler, t.data_path.with_suffix(".json"))   # fused labels: capacity_ah
     if a.evaluate_sample_size < MIN_EVAL_SAMPLES:
         raise UserError(f"-ess {a.evaluate_sample_size}: the evaluation (PCA, t-SNE, metrics) needs at least "
                         f"{MIN_EVAL_SAMPLES} sequences; use -ess {MIN_EVAL_SAMPLES} or more")

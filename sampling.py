@@ -1,9 +1,11 @@
 """Synthetic sequences from a trained run, below the trainer and the command lines: the run's generator rebuilt
-from its config.json, the noise drawn from a seed, the SOC labels of the run's estimator, the kept steps, the
-class shares of a conditional run, physical units. The trainer's snapshots, generate.py, evaluate.py and bench.py
-all sample through this module."""
+from its config.json, the noise drawn from a seed, the SOC labels (the run's estimator's, the paper's, or fused:
+the estimator's level plus charge counting, with a spread per sequence), the kept steps, the class shares of a
+conditional run, physical units. The trainer's snapshots, generate.py, evaluate.py and bench.py all sample through
+this module."""
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,7 @@ from lg_dataset import DataError, load_sidecar, unscale
 from metrics import coulomb_gap
 from models import build_generator, with_class_channels
 from run_dir import read_network
-from soc_estimator import SOCEstimator
+from soc_estimator import FUSED_READINGS, SOCEstimator, check_scaler, reading_steps
 
 PROJECT_DIR = Path(__file__).resolve().parent
 HZ = 10                      # the LG drive cycles are logged at 10 Hz
@@ -58,8 +60,10 @@ def load_soc(config: dict, run_dir: Path, device: torch.device):
 
 def steps_kept(seq_len: int, window: int, steps: str) -> tuple[int, int]:
     """(first step, number of steps) of each generated sequence that go out. 'paper': the trainer's
-    fake_data.npy (L = min(window, T - window), steps T-L-1..T-2, as the original); 'labelled': every step with
-    an SOC label."""
+    fake_data.npy (L = min(window, T - window), steps T-L-1..T-2, as the original); 'labelled': every step the
+    estimator can read (window-1..T-1); 'all': every step 0..T-1 (fused labels only: they label every step)."""
+    if steps == "all":
+        return 0, seq_len
     if steps == "labelled":
         return window - 1, seq_len - window + 1
     length = min(window, seq_len - window)
@@ -72,6 +76,58 @@ def real_steps(real: np.ndarray, seq_len: int, window: int, segment: str) -> np.
     first, length = steps_kept(seq_len, window, "paper")
     first = 0 if segment == "paper" else first
     return real[:, first:first + length]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SOC labels: the estimator's (the paper's) or fused (the estimator's level plus charge counting)
+
+LABELS = ("estimator", "fused")
+SPREAD_DEFINITION = ("fused labels: per sequence, the root mean square of the estimator readings' levels "
+                     "(reading_k - the charge counted to its step) about the level the labels take (their median), in "
+                     "SOC units (0..1): how far the estimator disagrees with the charge count; real windows: median "
+                     "0.0053, 99th percentile 0.0216 (docs/experiments/2026-12-08-fused-labels.md)")
+# --max-coulomb-error PCT: what it bounds (in SOC %) for each kind of labels
+CRITERIA = {"estimator": "the labels' mean |SOC_t - SOC_0 - charge counted| (metrics.coulomb_gap)",
+            "fused": "the fused labels' spread x 100 (soc_spread; their coulomb gap is 0 by construction)"}
+
+
+class Labelled(NamedTuple):
+    """Labelled synthetic sequences: x [n, L, 4] scaled V, I, T + SOC of the kept steps, the first generated step
+    kept, and with fused labels each sequence's spread [n] (SOC units; None with the estimator's labels)."""
+    x: np.ndarray
+    first: int
+    spread: np.ndarray | None = None
+
+
+def check_labels(labels: str, scaler: dict | None, source) -> None:
+    """Fused labels count charge: they need the scaler with the cell capacity (capacity_ah). Raises a one-line
+    UserError naming source (e.g. the run's config.json)."""
+    if labels not in LABELS:
+        raise UserError(f"--soc-labels {labels}: unknown; use one of {', '.join(LABELS)}")
+    if labels == "fused" and not (scaler or {}).get("capacity_ah"):
+        raise UserError(f"{source}: --soc-labels fused counts charge with the cell capacity, which neither the run's "
+                        f"scaler nor its data sidecar records; rebuild the data with python lg_dataset.py, or use "
+                        f"--soc-labels estimator")
+    if labels == "fused":
+        check_scaler(scaler, source)
+
+
+def fused_settings(seq_len: int, window: int) -> dict:
+    """What the fused labels of sequences of seq_len steps are made of, for a sidecar."""
+    return {"readings": FUSED_READINGS, "reading_steps": reading_steps(seq_len, window, FUSED_READINGS).tolist(),
+            "reading_window": window, "combination": "median over the readings of (reading - charge counted to its "
+            "step); label_t = that level + the charge counted to step t (dt 0.1 s, Q: capacity_ah of the "
+            "temperature class nearest the sequence's mean temperature)", "spread": SPREAD_DEFINITION}
+
+
+def labels_record(labels: str, seq_len: int, window: int) -> dict:
+    """What a sample's sidecar says of its SOC labels: which ones, and what fused labels are made of."""
+    return {"soc_labels": labels, "soc_fused": fused_settings(seq_len, window) if labels == "fused" else None}
+
+
+def acceptance_figure(sample: Labelled, labels: str, scaler: dict) -> np.ndarray:
+    """[n] what --max-coulomb-error bounds (CRITERIA), in SOC % (NaN for a diverged sequence: never kept)."""
+    return sample.spread * 100.0 if labels == "fused" else coulomb_gap(sample.x, scaler)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,45 +153,63 @@ def generate(generator: torch.nn.Module, n: int, seed: int, batch_size: int, dev
     return out
 
 
-def label(soc, sequences: np.ndarray, window: int, first: int, length: int, progress: bool = False) -> np.ndarray:
-    """V, I, T of steps first..first+length-1 plus the estimator's SOC of the window ending at each step. A sequence
-    with NaN/inf (a diverged generator) gets a NaN SOC instead of stopping the labelling."""
-    # ~3 MB of activations per 300-step window: CPU batches stay small; the labelling is the slow part on a CPU
-    # (301 windows of 300 steps per sequence), so it goes 16 sequences at a time under a progress bar
+def label(soc, sequences: np.ndarray, window: int, first: int, length: int, progress: bool = False,
+          labels: str = "estimator", scaler: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """V, I, T of steps first..first+length-1 plus their SOC -> (x [n, length, 4], spread [n] or None).
+    labels 'estimator' (the paper's): the estimator's SOC of the window ending at each step (steps from window-1
+    on); 'fused': soc.fused_labels (every step; needs the scaler with capacity_ah), with each sequence's spread.
+    A sequence with NaN/inf (a diverged generator) gets a NaN SOC (and spread) instead of stopping the labelling."""
+    if labels not in LABELS:
+        raise ValueError(f"labels {labels!r}: one of {LABELS}")
+    if labels == "estimator" and first < window - 1:
+        raise ValueError(f"step {first}: the estimator labels steps {window - 1}.. only (fused labels: every step)")
+    # ~3 MB of activations per 300-step window: CPU batches stay small. The estimator's labels read 301 windows of
+    # 300 steps per sequence (the slow part on a CPU), so they go 16 sequences at a time under a progress bar;
+    # fused labels read 4 per sequence, so a chunk holds as many windows from 16 times more sequences
     batch, per_chunk = (2048, 256) if soc.device.type == "cuda" else (256, 16)
+    per_chunk *= 16 if labels == "fused" else 1
     out = np.full((len(sequences), length, 4), np.nan, np.float32)
     out[..., :3] = sequences[:, first:first + length]
+    spread = np.full(len(sequences), np.nan, np.float32) if labels == "fused" else None
     finite = np.flatnonzero(np.isfinite(sequences).all(axis=(1, 2)))
     with tqdm(total=len(finite), desc="SOC labelling", unit="seq", disable=not progress) as bar:
         for start in range(0, len(finite), per_chunk):   # bounded memory whatever n
             rows = finite[start:start + per_chunk]
-            socs = soc.label(sequences[rows], window=window, batch_size=batch)   # column k: window ending at window-1+k
-            out[rows, :, 3] = socs[:, first - (window - 1):first - (window - 1) + length]
+            if labels == "fused":   # column t: step t
+                socs, spread[rows] = soc.fused_labels(sequences[rows], scaler, window, batch_size=batch)
+                out[rows, :, 3] = socs[:, first:first + length]
+            else:   # column k: the window ending at step window-1+k
+                socs = soc.label(sequences[rows], window=window, batch_size=batch)
+                out[rows, :, 3] = socs[:, first - (window - 1):first - (window - 1) + length]
             bar.update(len(rows))
-    return out
+    return out, spread
 
 
 def labelled_sequences(generator: torch.nn.Module, soc, n: int, seed: int, window: int, batch_size: int,
                        device: torch.device, steps: str = "paper", progress: bool = False,
-                       classes: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """n generated sequences labelled by the SOC estimator, the kept steps only -> ([n, L, 4] scaled V, I, T +
-    SOC, first generated step kept). The trainer's epoch snapshot, generate.py and evaluate.py all use this."""
+                       classes: np.ndarray | None = None, labels: str = "estimator",
+                       scaler: dict | None = None) -> Labelled:
+    """n generated sequences labelled (labels: 'estimator' or 'fused', see label), the kept steps only. The
+    trainer's epoch snapshot, generate.py and evaluate.py all use this."""
     first, length = steps_kept(generator.seq_len, window, steps)
     fake = generate(generator, n, seed, batch_size, device, classes)
-    return label(soc, fake, window, first, length, progress), first
+    x, spread = label(soc, fake, window, first, length, progress, labels, scaler)
+    return Labelled(x, first, spread)
 
 
 def synthesize(run_dir: Path, config: dict, epoch_dir: Path, n: int, seed: int, device: torch.device,
                batch_size: int = 256, steps: str = "paper", progress: bool = False,
-               classes: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Labelled synthetic sequences [n, L, 4] (scaled V, I, T + SOC) and the first generated step they start at.
-    A conditional run's sequences get `classes` (default: its training windows' class shares)."""
+               classes: np.ndarray | None = None, labels: str = "estimator") -> Labelled:
+    """Labelled synthetic sequences of a saved epoch (scaled V, I, T + SOC of the kept steps). A conditional run's
+    sequences get `classes` (default: its training windows' class shares). Fused labels take the run's scaler."""
+    scaler = run_scaler(config)
+    check_labels(labels, scaler, run_dir / "config.json")
     generator = load_generator(config, epoch_dir, device)
     soc = load_soc(config, run_dir, device)
     if generator.n_classes and classes is None:
         classes = class_counts(config["condition_shares"], n)
     return labelled_sequences(generator, soc, n, seed, config["args"]["soc_estimator_step"], batch_size, device,
-                              steps, progress, classes)
+                              steps, progress, classes, labels, scaler)
 
 
 MAX_DRAW_ROUNDS = 20   # --max-coulomb-error: give up after this many rounds of drawing
@@ -143,29 +217,31 @@ MAX_DRAW_ROUNDS = 20   # --max-coulomb-error: give up after this many rounds of 
 
 def synthesize_checked(run_dir: Path, config: dict, epoch_dir: Path, args: argparse.Namespace, seed: int,
                        device: torch.device, scaler: dict | None, classes: np.ndarray | None
-                       ) -> tuple[np.ndarray, np.ndarray | None, int, int, int]:
-    """-n sequences (scaled), and with --max-coulomb-error only those within the tolerance, drawn in rounds
-    (each round its own seed) until n are kept -> (sequences, their classes, first generated step, drawn,
-    within tolerance)."""
+                       ) -> tuple[Labelled, np.ndarray | None, int, int]:
+    """-n sequences (scaled; --steps, --soc-labels), and with --max-coulomb-error only those within the tolerance
+    (CRITERIA: the coulomb gap of the estimator's labels, the spread of fused ones), drawn in rounds (each round its
+    own seed) until n are kept -> (the sample, its classes, drawn, within tolerance)."""
     kept, masks, drawn = [], [], 0
     for round_ in range(MAX_DRAW_ROUNDS):
-        x, first = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed + round_, device, args.batch_size,
-                              args.steps, progress=True, classes=classes)
-        drawn += len(x)
+        sample = synthesize(run_dir, config, epoch_dir, args.n_sequences, seed + round_, device, args.batch_size,
+                            args.steps, progress=True, classes=classes, labels=args.soc_labels)
+        drawn += len(sample.x)
         if args.max_coulomb_error is None:
-            return x, classes, first, drawn, drawn
-        masks.append(coulomb_gap(x, scaler) <= args.max_coulomb_error)
-        kept.append(x[masks[-1]])
-        if sum(map(len, kept)) >= args.n_sequences:
+            return sample, classes, drawn, drawn
+        masks.append(acceptance_figure(sample, args.soc_labels, scaler) <= args.max_coulomb_error)
+        kept.append(sample)
+        if sum(int(m.sum()) for m in masks) >= args.n_sequences:
             break
-    passed = sum(map(len, kept))
-    x = np.concatenate(kept)[:args.n_sequences]
+    passed = sum(int(m.sum()) for m in masks)
+    x = np.concatenate([s.x[m] for s, m in zip(kept, masks)])[:args.n_sequences]
+    spread = None if args.soc_labels != "fused" else \
+        np.concatenate([s.spread[m] for s, m in zip(kept, masks)])[:args.n_sequences]
     if classes is not None:   # every round draws the same classes: keep those of the kept sequences
         classes = np.concatenate([classes[ok] for ok in masks])[:args.n_sequences]
     if len(x) < args.n_sequences:
         raise UserError(f"{epoch_dir}: only {len(x)} of {drawn} sequences are within {args.max_coulomb_error} % SOC "
-                        f"of charge counting; raise --max-coulomb-error or use a better-trained epoch")
-    return x, classes, first, drawn, passed
+                        f"by {CRITERIA[args.soc_labels]}; raise --max-coulomb-error or use a better-trained epoch")
+    return Labelled(x, kept[0].first, spread), classes, drawn, passed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,10 +292,13 @@ def run_scaler(config: dict) -> dict | None:
     return scaler | {"capacity_ah": data_scaler["capacity_ah"]} if same and data_scaler.get("capacity_ah") else scaler
 
 
-def long_table(x: np.ndarray, columns: tuple[str, ...]) -> pd.DataFrame:
-    """[n, L, 4] -> one row per (sequence, step) with a 10 Hz time column."""
+def long_table(x: np.ndarray, columns: tuple[str, ...], spread: np.ndarray | None = None) -> pd.DataFrame:
+    """[n, L, 4] -> one row per (sequence, step) with a 10 Hz time column; with fused labels' spread [n], a
+    soc_spread column (each sequence's value on its rows)."""
     n, length, _ = x.shape
     step = np.tile(np.arange(length), n)
     table = {"sequence": np.repeat(np.arange(n), length), "step": step, "time_s": step / HZ}
     table.update({c: x[..., i].reshape(-1) for i, c in enumerate(columns)})
+    if spread is not None:
+        table["soc_spread"] = np.repeat(spread, length)
     return pd.DataFrame(table)

@@ -78,6 +78,29 @@ def test_generate_fresh_sequences(tiny_run, tmp_path):
     assert settings["n_fake"] == 30 and settings["fake"] == "--generate 30"
 
 
+def test_generate_with_fused_labels_and_the_labels_each_sample_carries(tiny_run, tmp_path):
+    """--generate N --soc-labels fused scores fresh sequences with fused labels over the paper's steps (those of
+    fake_data.npy, so the metrics compare like with like); metrics_settings.json says which labels were scored."""
+    import shutil
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    argv = ["-r", copy.name, "--results-dir", str(tmp_path), *TINY, "--quick"]
+    settings_path, metrics_path = copy / "2_epoch" / "metrics_settings.json", copy / "2_epoch" / "metrics.json"
+    assert evaluate.main(argv) == 0   # the trainer's fake_data.npy: the estimator's labels, its sidecar says
+    assert json.loads(settings_path.read_text())["soc_labels"] == "estimator"
+    estimator = json.loads(metrics_path.read_text())
+    assert evaluate.main([*argv, "--generate", "12", "--soc-labels", "fused"]) == 0
+    settings, values = json.loads(settings_path.read_text()), json.loads(metrics_path.read_text())
+    assert settings["soc_labels"] == "fused" and settings["n_fake"] == 12 and settings["steps"] == 20
+    assert settings["real_steps"] == [19, 38]
+    assert all(isinstance(v, (int, float)) for v in values.values())   # metrics.json stays numbers only
+    # fused labels are made of the charge count: no coulomb gap, no SOC rising while the current discharges
+    assert values["soc_coulomb_error"] < 1e-4 and values["soc_coulomb_fail_share"] == 0
+    assert values["phys_soc_rise_while_discharging"] == 0 < estimator["phys_soc_rise_while_discharging"]
+    assert evaluate.main([*argv, "--generate", "12"]) == 0   # --generate alone: the paper's labels
+    assert json.loads(settings_path.read_text())["soc_labels"] == "estimator"
+
+
 def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path, capsys):
     import shutil
     copy = tmp_path / tiny_run.name
@@ -106,7 +129,7 @@ def test_repeats_score_fresh_samples_at_the_next_seeds(tiny_run, tmp_path, capsy
 
 
 @pytest.mark.parametrize("case", ["no_run", "no_epoch", "no_real", "no_test", "bad_epoch", "no_fake",
-                                  "repeats_without_generate"])
+                                  "repeats_without_generate", "labels_without_generate"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_path, capsys):
     import shutil
     copy = tmp_path / tiny_run.name
@@ -127,6 +150,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
         argv += ["--epoch", "all", "--quick"]
     elif case == "repeats_without_generate":   # the saved sample is one sample: repeating it measures nothing
         argv += ["--quick", "--repeats", "2"]
+    elif case == "labels_without_generate":   # fake_data.npy carries the trainer's labels: none to choose
+        argv += ["--quick", "--soc-labels", "fused"]
     before = mtimes(tmp_path)
     if case == "bad_epoch":
         with pytest.raises(SystemExit) as exc:

@@ -105,6 +105,39 @@ def test_non_finite_rows_get_nan_labels_not_an_error(random_est):
             random_est.fused_labels(seq, SCALER, window=window)
 
 
+def test_sampling_labels_either_way_over_any_kept_steps(random_est):
+    """sampling.label, the trainer's and generate.py's labelling: 'estimator' gives label()'s columns of the kept
+    steps and no spread; 'fused' gives fused_labels()' columns and spread, also past one chunk of sequences (256 on
+    a CPU) and with a diverged (NaN) sequence among them."""
+    import sampling
+    x = np.ascontiguousarray(real_windows(slice(0, 2030, 7), 12)[..., :3])   # 290 sequences of 12 steps
+    x[100, 3, 1] = np.nan
+    out, spread = sampling.label(random_est, x, 4, 0, 12, labels="fused", scaler=SCALER)
+    assert out.shape == (290, 12, 4) and spread.shape == (290,)
+    assert np.isnan(out[100, :, 3]).all() and np.isnan(spread[100])
+    good = np.delete(np.arange(290), 100)
+    soc, expected = random_est.fused_labels(x[good], SCALER, window=4)
+    np.testing.assert_allclose(out[good, :, 3], soc, rtol=0, atol=2e-6)   # other batches: float rounding
+    np.testing.assert_allclose(spread[good], expected, rtol=0, atol=2e-6)
+    assert np.array_equal(out[..., :3], x, equal_nan=True)
+    part, _ = sampling.label(random_est, x[:5], 4, 5, 6, labels="fused", scaler=SCALER)
+    np.testing.assert_allclose(part, out[:5, 5:11], rtol=0, atol=2e-6)   # the kept steps: a slice of every step's
+    est, none = sampling.label(random_est, x[:5], 4, 5, 6)
+    assert none is None and np.array_equal(est[..., 3], random_est.label(x[:5], 4, batch_size=256)[:, 2:8])
+    with pytest.raises(ValueError):   # the estimator has no label before its first window ends
+        sampling.label(random_est, x[:5], 4, 0, 6)
+
+
+def test_fused_labels_need_the_capacity(tmp_path):
+    import sampling
+    from common import UserError
+    sampling.check_labels("estimator", None, "config.json")   # the paper's labels need no scaler
+    sampling.check_labels("fused", SCALER, "config.json")
+    for scaler in (None, {k: v for k, v in SCALER.items() if k != "capacity_ah"}, {**SCALER, "capacity_ah": {"x": 1}}):
+        with pytest.raises(UserError, match="config.json"):
+            sampling.check_labels("fused", scaler, "config.json")
+
+
 # -----------------------------------------------------------------------------
 # the shipped estimator on real windows: closer to the true SOC, unmoved by a voltage glitch
 

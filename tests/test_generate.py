@@ -30,7 +30,7 @@ def test_csv_in_physical_units_with_soc_from_the_estimator(tiny_run, soc_model, 
     assert df["sequence"].nunique() == 5 and df["step"].max() == 19
     np.testing.assert_allclose(df["time_s"], df["step"] / 10)
     # a 2-epoch generator is far from the data, but the columns must be unscaled with the run's scaler
-    x, _ = reference(tiny_run, n=5, seed=3)
+    x = reference(tiny_run, n=5, seed=3).x
     np.testing.assert_allclose(df["voltage_V"].to_numpy().reshape(5, 20),
                                x[..., 0] * (SCALER["max"][0] - SCALER["min"][0]) + SCALER["min"][0], rtol=1e-5)
     np.testing.assert_allclose(df["soc"].to_numpy().reshape(5, 20), x[..., 3], rtol=1e-5, atol=1e-6)
@@ -45,9 +45,11 @@ def test_csv_in_physical_units_with_soc_from_the_estimator(tiny_run, soc_model, 
     assert meta["epoch"] == 2 and meta["seed"] == 3 and meta["first_generated_step"] == 19 and meta["hz"] == 10
 
 
-def reference(run: Path, n: int, seed: int, epoch: int = 2, steps: str = "paper", device: str = "cpu"):
+def reference(run: Path, n: int, seed: int, epoch: int = 2, steps: str = "paper", device: str = "cpu",
+              labels: str = "estimator") -> sampling.Labelled:
     config = json.loads((run / "config.json").read_text())
-    return sampling.synthesize(run, config, run / f"{epoch}_epoch", n, seed, torch.device(device), steps=steps)
+    return sampling.synthesize(run, config, run / f"{epoch}_epoch", n, seed, torch.device(device), steps=steps,
+                               labels=labels)
 
 
 def test_real_data_round_trip_stays_in_physical_ranges():
@@ -77,13 +79,14 @@ def test_parquet_npy_and_scaled_outputs_agree(tiny_run, tmp_path):
 
 
 def test_seed_reproduces_and_labelled_steps_cover_every_labelled_step(tiny_run, device):
-    a, first = reference(tiny_run, n=3, seed=4, device=device)
-    b, _ = reference(tiny_run, n=3, seed=4, device=device)
-    c, _ = reference(tiny_run, n=3, seed=5, device=device)
+    a, first, spread = reference(tiny_run, n=3, seed=4, device=device)
+    b = reference(tiny_run, n=3, seed=4, device=device).x
+    c = reference(tiny_run, n=3, seed=5, device=device).x
+    assert spread is None   # the estimator's labels have no spread
     assert first == 19 and np.array_equal(a, b) and not np.allclose(a, c)
     # the noise is drawn on the CPU: a seed gives the same sequences on every device, up to kernel rounding
     np.testing.assert_allclose(a, reference(tiny_run, n=3, seed=4)[0], rtol=1e-4, atol=1e-5)
-    full, first_full = reference(tiny_run, n=3, seed=4, steps="labelled", device=device)
+    full, first_full, _ = reference(tiny_run, n=3, seed=4, steps="labelled", device=device)
     assert first_full == 19 and full.shape == (3, 21, 4)   # steps 19..39 (the paper's mode drops the last)
     np.testing.assert_allclose(full[:, :20], a, rtol=1e-6)
     # generating in batches gives the same sequences as one batch
@@ -93,7 +96,8 @@ def test_seed_reproduces_and_labelled_steps_cover_every_labelled_step(tiny_run, 
                                sampling.generate(g, 5, 1, 256, torch.device(device)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["no_run", "no_epoch", "extension", "folder", "n_zero", "no_scaler", "argparse"])
+@pytest.mark.parametrize("case", ["no_run", "no_epoch", "extension", "folder", "n_zero", "no_scaler", "argparse",
+                                  "all_steps_estimator", "fused_no_capacity"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_path, capsys):
     out = tmp_path / "out.csv"
     argv = ["-r", tiny_run.name, "--results-dir", str(tiny_run.parent), "-n", "2", "-o", str(out), "--device", "cpu"]
@@ -109,13 +113,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
         argv[argv.index("-o") + 1] = str(out)
     elif case == "n_zero":
         argv[argv.index("-n") + 1] = "0"
-    elif case == "no_scaler":   # a copy of the run whose data had no sidecar
+    elif case in ("no_scaler", "fused_no_capacity"):   # a copy of the run whose data had no (capacity in its) sidecar
         copy = tmp_path / "runs" / tiny_run.name
         shutil.copytree(tiny_run, copy)
         config = json.loads((copy / "config.json").read_text())
-        config["scaler"] = None
+        config["scaler"] = None if case == "no_scaler" else {k: v for k, v in SCALER.items() if k != "capacity_ah"}
+        if case == "fused_no_capacity":   # nor a data sidecar to take the capacity from
+            config["data_path"] = str(tmp_path / "runs" / "moved.npy")
         (copy / "config.json").write_text(json.dumps(config))
         argv[argv.index("--results-dir") + 1] = str(copy.parent)
+        argv += ["--soc-labels", "fused"] * (case == "fused_no_capacity")
+    elif case == "all_steps_estimator":   # the estimator cannot label the steps before its first window ends
+        argv += ["--steps", "all"]
     elif case == "argparse":
         argv.remove("-r")
         argv.remove(tiny_run.name)
@@ -129,6 +138,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error:") and "\n" not in err, err
+    assert {"fused_no_capacity": "--soc-labels fused", "all_steps_estimator": "--steps all"}.get(case, "") in err
     assert sorted(tmp_path.rglob("*")) == before   # nothing written
 
 
@@ -179,3 +189,91 @@ def test_the_shipped_cpu_run_generates_without_training(tmp_path):
     assert len(df) > 100 and df["sequence"].nunique() == 1
     assert df["voltage_V"].between(2.5, 4.2).all() and df["soc"].notna().all()
     assert mtimes(run) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --soc-labels: the default is the estimator's (the paper's), bit for bit; fused labels label every step
+
+def test_default_labels_are_the_estimators_bit_for_bit(tiny_run, soc_model, tmp_path):
+    """The default path is the code before fused labels existed: the generator's V, I, T and the estimator's label
+    of the window ending at each kept step, bit for bit, with or without --soc-labels estimator; no spread."""
+    from soc_estimator import SOCEstimator
+    default, named = tmp_path / "d.npy", tmp_path / "e.npy"
+    assert gen(tiny_run, "-n", "5", "-o", str(default), "--seed", "3", "--scaled") == 0
+    assert gen(tiny_run, "-n", "5", "-o", str(named), "--seed", "3", "--scaled", "--soc-labels", "estimator") == 0
+    x = np.load(default)
+    assert default.read_bytes() == named.read_bytes() and x.shape == (5, 20, 4)
+    config = json.loads((tiny_run / "config.json").read_text())
+    seqs = sampling.generate(sampling.load_generator(config, tiny_run / "2_epoch", torch.device("cpu")), 5, 3, 256,
+                             torch.device("cpu"))
+    assert np.array_equal(x[..., :3], seqs[:, 19:39])
+    assert np.array_equal(x[..., 3], SOCEstimator.load(soc_model).label(seqs, window=20, batch_size=256)[:, :20])
+    meta = json.loads(default.with_name("d.npy.json").read_text())
+    assert meta["soc_labels"] == "estimator" and meta["soc_fused"] is None and meta["soc_spread"] is None
+    assert meta["steps_kept"] == "paper" and meta["soc_coulomb"]["criterion"] is None
+    csv = tmp_path / "d.csv"
+    assert gen(tiny_run, "-n", "2", "-o", str(csv), "--seed", "3") == 0
+    assert "soc_spread" not in pd.read_csv(csv).columns
+
+
+def test_fused_labels_label_every_step_by_charge_counting_with_their_spread(tiny_run, soc_model, tmp_path):
+    from soc_estimator import SOCEstimator, counted_soc
+    import metrics
+    npy, pq, paper = tmp_path / "f.npy", tmp_path / "f.parquet", tmp_path / "p.npy"
+    assert gen(tiny_run, "-n", "4", "-o", str(npy), "--seed", "3", "--scaled", "--soc-labels", "fused") == 0
+    assert gen(tiny_run, "-n", "4", "-o", str(pq), "--seed", "3", "--soc-labels", "fused") == 0
+    assert gen(tiny_run, "-n", "4", "-o", str(paper), "--seed", "3", "--scaled", "--soc-labels", "fused",
+               "--steps", "paper") == 0
+    x = np.load(npy)
+    assert x.shape == (4, 40, 4) and np.isfinite(x).all()   # every generated step, each with a label
+    # the labels move with the charge the current carries, to float32 precision
+    np.testing.assert_allclose(np.diff(x[..., 3], axis=1), np.diff(counted_soc(x, SCALER), axis=1), rtol=0,
+                               atol=2.5e-7)
+    assert metrics.coulomb_gap(x, SCALER).max() < 1e-4
+    # and they are soc_estimator's fused labels of the generated sequences
+    config = json.loads((tiny_run / "config.json").read_text())
+    seqs = sampling.generate(sampling.load_generator(config, tiny_run / "2_epoch", torch.device("cpu")), 4, 3, 256,
+                             torch.device("cpu"))
+    soc, spread = SOCEstimator.load(soc_model).fused_labels(seqs, SCALER, window=20, batch_size=256)
+    assert np.array_equal(x[..., :3], seqs) and np.array_equal(x[..., 3], soc)
+    # the paper's steps of the same sequences carry the same labels
+    assert np.array_equal(np.load(paper), x[:, 19:39])
+    # the spread: a column of csv / parquet (one value per sequence) and, per sequence, in the sidecar
+    df = pd.read_parquet(pq)
+    assert list(df.columns) == ["sequence", "step", "time_s", "voltage_V", "current_A", "temperature_C", "soc",
+                                "soc_spread"]
+    assert len(df) == 4 * 40 and df["step"].max() == 39
+    np.testing.assert_allclose(df["soc"].to_numpy().reshape(4, 40), soc, rtol=1e-6)
+    per_row = df["soc_spread"].to_numpy().reshape(4, 40)
+    assert (per_row == per_row[:, :1]).all() and np.array_equal(per_row[:, 0], spread)
+    for out in (npy, pq):
+        meta = json.loads(out.with_name(out.name + ".json").read_text())
+        assert meta["soc_labels"] == "fused" and meta["steps_kept"] == "all" and meta["first_generated_step"] == 0
+        assert meta["soc_fused"]["readings"] == 4 and meta["soc_fused"]["reading_steps"] == [19, 26, 32, 39]
+        assert meta["soc_fused"]["reading_window"] == 20 and "median" in meta["soc_fused"]["combination"]
+        assert meta["soc_spread"]["per_sequence"] == spread.tolist() and "root mean square" in \
+            meta["soc_spread"]["definition"]
+        assert meta["soc_coulomb"]["soc_coulomb_error_pct"] < 1e-4
+    assert json.loads(pq.with_name("f.parquet.json").read_text())["columns"][-1] == "soc_spread"
+    assert json.loads(npy.with_name("f.npy.json").read_text())["columns"][-1] == "soc"
+
+
+def test_max_coulomb_error_with_fused_labels_gates_on_the_spread(tiny_run, tmp_path, capsys):
+    out = tmp_path / "all.npy"
+    assert gen(tiny_run, "-n", "12", "-o", str(out), "--seed", "2", "--scaled", "--soc-labels", "fused") == 0
+    spread = np.array(json.loads(out.with_name("all.npy.json").read_text())["soc_spread"]["per_sequence"])
+    tolerance = float(np.median(spread) * 100)   # about half of the tiny generator's sequences pass
+    kept = tmp_path / "kept.npy"
+    capsys.readouterr()
+    assert gen(tiny_run, "-n", "12", "-o", str(kept), "--seed", "2", "--scaled", "--soc-labels", "fused",
+               "--max-coulomb-error", str(tolerance)) == 0
+    meta = json.loads(kept.with_name("kept.npy.json").read_text())
+    kept_spread = np.array(meta["soc_spread"]["per_sequence"])
+    assert len(np.load(kept)) == 12 and len(kept_spread) == 12 and (kept_spread * 100 <= tolerance).all()
+    report = meta["soc_coulomb"]
+    assert report["drawn"] > 12 and 0 < report["acceptance_rate"] < 1 and "spread" in report["criterion"]
+    said = capsys.readouterr().out
+    assert "spread" in said and "acceptance" in said
+    # the first round's sequences within the tolerance come first, in order
+    first_round = np.load(out)[spread * 100 <= tolerance]
+    assert np.array_equal(np.load(kept)[:len(first_round)], first_round)

@@ -270,6 +270,33 @@ def test_fake_data_soc_column_comes_from_the_estimator(tiny_data, soc_model, tmp
     np.testing.assert_allclose(fake[:, -1, 3], soc_last, atol=1e-5)
 
 
+def test_snapshots_with_fused_labels_and_back_on_resume(tiny_data, soc_model, tmp_path):
+    """--soc-labels fused: the snapshot's fake_data.npy keeps the paper's steps (19..38 of 40), its labels follow
+    charge counting to float precision, each sequence's spread in soc_spread.npy; fake_data.npy.json and config.json
+    say which labels; not an architecture flag: a resume may go back to the estimator's labels."""
+    from helpers import SCALER, make_tiny_run
+    from soc_estimator import counted_soc
+    import metrics
+    run = make_tiny_run(tiny_data, soc_model, tmp_path / "results", "-e", "1", "-s", "1", "--soc-labels", "fused")
+    folder = run / "1_epoch"
+    fake, spread = np.load(folder / "fake_data.npy"), np.load(folder / "soc_spread.npy")
+    assert fake.shape == (12, 20, 4) and spread.shape == (12,) and np.isfinite(spread).all()
+    np.testing.assert_allclose(np.diff(fake[..., 3], axis=1), np.diff(counted_soc(fake, SCALER), axis=1), rtol=0,
+                               atol=2.5e-7)
+    assert metrics.coulomb_gap(fake, SCALER).max() < 1e-4
+    record = json.loads((folder / "fake_data.npy.json").read_text())
+    assert record["soc_labels"] == "fused" and record["steps_kept"] == "paper"
+    assert record["soc_fused"]["reading_steps"] == [19, 26, 32, 39]
+    assert json.loads((run / "config.json").read_text())["args"]["soc_labels"] == "fused"
+    quality = json.loads((folder / "metrics.json").read_text())
+    assert quality["soc_coulomb_error"] < 1e-4 and quality["phys_soc_rise_while_discharging"] == 0
+    assert main(["-r", run.name, "--results-dir", str(run.parent), "-e", "2", "--soc-labels", "estimator"]) == 0
+    assert json.loads((run / "2_epoch" / "fake_data.npy.json").read_text()) == {
+        "soc_labels": "estimator", "soc_fused": None, "steps_kept": "paper"}
+    assert not (run / "2_epoch" / "soc_spread.npy").exists()
+    assert json.loads((run / "config.json").read_text())["args"]["soc_labels"] == "estimator"
+
+
 def test_eval_metrics_all_adds_the_post_hoc_scores(tiny_data, soc_model, tmp_path):
     results = tmp_path / "results"
     assert main(tiny_args(tiny_data, soc_model, results, "-e", "1", "-s", "1", "--eval-metrics", "all")) == 0
@@ -421,7 +448,7 @@ def bad_npy(tmp_path, name, array):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_npy", "rank", "features", "nan", "short", "batch", "device",
-                                  "gpu", "notebook", "soc_missing"])
+                                  "gpu", "notebook", "soc_missing", "fused_no_capacity"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_data, soc_model, tmp_path, capsys):
     results = tmp_path / "results"
     good = np.load(tiny_data)
@@ -451,6 +478,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_data, soc_mo
         extra = ["-n", str(tmp_path / "missing.ipynb")]
     elif case == "soc_missing":
         extra = ["-socm", "missing.h5"]
+    elif case == "fused_no_capacity":   # the tiny data has no sidecar: no scaler, no capacity to count charge with
+        extra = ["--soc-labels", "fused"]
     code = main(tiny_args(data, soc_model, results, "-e", "1", *extra))
     err = capsys.readouterr().err.strip()
     assert code == 2
