@@ -152,6 +152,21 @@ def test_physical_units(tmp_path, monkeypatch, real_run):
     assert set(ns["metrics"].columns) == {"epoch", "mae_v", "rmse_soc"}  # bools and strings dropped
 
 
+def test_the_soc_labels_each_sample_carries(tmp_path, monkeypatch, capsys, real_run):
+    """The run's labels from config.json, each snapshot's from its fake_data.npy.json (none: a snapshot from before
+    fused labels, the estimator's), each scored sample's from evaluate.py's metrics_settings.json."""
+    run = make_run(tmp_path, real_run)
+    assert json.loads((run / "2_epoch" / "fake_data.npy.json").read_text())["soc_labels"] == "estimator"
+    (run / "2_epoch" / "fake_data.npy.json").unlink()
+    (run / "4_epoch" / "fake_data.npy.json").write_text(json.dumps({"soc_labels": "fused"}))
+    (run / "4_epoch" / "metrics_settings.json").write_text(json.dumps({"soc_labels": "estimator"}))   # --generate
+    ns = run_in_process(run, monkeypatch)
+    out = capsys.readouterr().out
+    assert "SOC labels of the snapshots (config.json soc_labels): estimator" in out
+    assert ns["soc_labels"](Path("4_epoch")) == "fused" and ns["soc_labels"](Path("2_epoch")) == "estimator"
+    assert ns["sample_labels"] == {4: "estimator"} and "SOC labels of the scored samples, by epoch: {4: " in out
+
+
 def test_cli_missing_folder(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run_notebook.py"), str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60)
