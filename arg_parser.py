@@ -4,10 +4,9 @@ result notebook). --preset NAME reads presets/NAME.json, a JSON object of flag v
 "model_scale": 0.125) that become the defaults: typed flags still win. 'paper' is the paper's settings (no file)."""
 import argparse
 import json
-import math
 from pathlib import Path
 
-from common import OneLineParser, UserError, int_at_least, project_default
+from common import OneLineParser, UserError, int_at_least, project_default, seed_type
 
 PAPER_SOC_MODEL = "2021-01-12-23-17-13_lstm_soc_percentage_lg_positive_temp_300_steps_mixed_cycle_test.h5"
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -53,18 +52,27 @@ PRESETS = _readable_presets()   # {name: {dest: value}} of the presets/ files, a
 _positive_int, _non_negative_int = int_at_least(1), int_at_least(0)
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+# The most that can be meant: beyond these a flag's value only overflows the losses to inf/NaN from the first
+# epochs (e.g. --level-mmd 1e308) or asks for what the data cannot hold (a bound wider than its temperature range).
+MAX_WEIGHT = 1000.0         # -gp and the extension terms' weights (used: -gp 10, --level-mmd 3-30)
+MAX_RATE = 1.0              # learning rates and weight decays
+MAX_MODEL_SCALE = 64.0      # 64x the paper's widths: far past any GPU's memory
+MAX_NOISE_TIME_STEPS = 1e4  # steps; the windows have 600
+MAX_TEMPERATURE_BOUND = 30.0   # degC: the training data's temperatures span 27 degC
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _number_in(low: float, high: float, low_open: bool = False):
+    """An argparse type: a number in [low, high] ((low, high] when low_open), so never nan or inf."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ((value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}], "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+_weight, _rate = _number_in(0.0, MAX_WEIGHT), _number_in(0.0, MAX_RATE)
 
 
 def _unit_interval(text: str) -> float:
@@ -130,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generator input dimension")
     paper.add_argument("-dts", "--discriminator-train-steps", type=_positive_int, default=5,
                        help="discriminator train steps")
-    paper.add_argument("-gp", "--gradient-penalty-lambda-term", type=_non_negative_float, default=10.0,
+    paper.add_argument("-gp", "--gradient-penalty-lambda-term", type=_weight, default=10.0,
                        help="gradient penalty lambda term")
     paper.add_argument("-gdr", "--generator-dropout", type=_unit_interval, default=0.0,
                        help="generator dropout rate, applied to the output of every LSTM block but the last "
                             "(the original passed it to single-layer nn.LSTM, which ignores it)")
-    paper.add_argument("-glr", "--generator-learning-rate", type=_non_negative_float, default=0.0001,
+    paper.add_argument("-glr", "--generator-learning-rate", type=_rate, default=0.0001,
                        help="generator learning rate")
-    paper.add_argument("-gwd", "--generator-weight-decay", type=_non_negative_float, default=0.0,
+    paper.add_argument("-gwd", "--generator-weight-decay", type=_rate, default=0.0,
                        help="generator weight decay")
     paper.add_argument("-gab1", "--generator-adam-beta1", type=_unit_interval, default=0.5, help="generator adam beta1")
     paper.add_argument("-gab2", "--generator-adam-beta2", type=_unit_interval, default=0.999, help="generator adam "
@@ -145,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("-ddr", "--discriminator-dropout", type=_unit_interval, default=0.0,
                        help="discriminator dropout rate, applied to the output of every LSTM block "
                             "(the original passed it to single-layer nn.LSTM, which ignores it)")
-    paper.add_argument("-dlr", "--discriminator-learning-rate", type=_non_negative_float, default=0.0001,
+    paper.add_argument("-dlr", "--discriminator-learning-rate", type=_rate, default=0.0001,
                        help="discriminator learning rate")
-    paper.add_argument("-dwd", "--discriminator-weight-decay", type=_non_negative_float, default=0.0,
+    paper.add_argument("-dwd", "--discriminator-weight-decay", type=_rate, default=0.0,
                        help="discriminator weight decay")
     paper.add_argument("-dab1", "--discriminator-adam-beta1", type=_unit_interval, default=0.5,
                        help="discriminator adam beta1")
@@ -177,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "also as the running average of --generator-ema, and discriminator.pth), with fresh "
                           "optimizers and epochs counted from 1: to train on from a chosen snapshot, or with flags "
                           "that -r refuses to change (e.g. --temperature-damping); the networks' shapes must match")
-    run.add_argument("--seed", type=int, default=None, help="random seed (a random one is drawn and recorded if unset)")
+    run.add_argument("--seed", type=seed_type, default=None,
+                     help="random seed, 0 .. 2**63 - 1 (a random one is drawn and recorded if unset)")
     run.add_argument("--results-dir", default="./results", help="folder that holds the run folders")
-    run.add_argument("--model-scale", type=_positive_float, default=1.0,
+    run.add_argument("--model-scale", type=_number_in(0.0, MAX_MODEL_SCALE, low_open=True), default=1.0,
                      help="scale every hidden width (1.0 = the paper's network; e.g. 0.125 for a CPU demo)")
     corrected.add_argument("--norm-layout", choices=["paper", "channel"], default="paper",
                            help="paper: the original reshape(B, C, 1, T) before Batch/InstanceNorm (mixes time and "
@@ -199,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the -gid channels drawn once per sequence and held over time, a per-sequence latent; "
                                 "smooth: as mixed, with the other half an AR(1) process of time constant "
                                 "--noise-time-steps")
-    corrected.add_argument("--noise-time-steps", type=_positive_float, default=30.0,
+    corrected.add_argument("--noise-time-steps", type=_number_in(0.0, MAX_NOISE_TIME_STEPS, low_open=True),
+                           default=30.0,
                            help="--generator-noise smooth: the AR(1) noise's time constant in steps (30 = 3 s at 10 "
                                 "Hz, where the real traces' mean ACF falls to 1/e; longer gives the output longer "
                                 "memory)")
@@ -212,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "generator's deviation from it: a cell's temperature hardly moves within a minute (real "
                           "windows: range 0.1-0.2 degC), a free channel wanders by degrees and blurs the temperature "
                           "classes; e.g. 0.02; 0: constant; 1: a free channel (the paper)")
-    ext.add_argument("--temperature-bound", type=_non_negative_float, default=0.0, metavar="DEGC",
+    ext.add_argument("--temperature-bound", type=_number_in(0.0, MAX_TEMPERATURE_BOUND), default=0.0,
+                     metavar="DEGC",
                      help="--condition temperature: hold each sequence's mean temperature within DEGC of its class's "
                           "real mean temperature (softly, by tanh: the identity near it; its gradient passes as the "
                           "identity's, so a sequence held at the bound is still pulled in); real windows lie within "
@@ -221,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     corrected.add_argument("--gp-norm", choices=["paper", "sample"], default="paper",
                            help="paper: gradient norm over time per (sample, feature) as the original; "
                                 "sample: per-sample norm over all time steps and features (Gulrajani et al.)")
-    ext.add_argument("--mode-seeking", type=_non_negative_float, default=0.0,
+    ext.add_argument("--mode-seeking", type=_weight, default=0.0,
                      help="weight of the mode-seeking term in the generator's loss (Mao et al. 2019): the generator "
                           "step draws its batch as pairs (one class each when conditional) and adds LAMBDA / (|G(z1) - "
                           "G(z2)| / |z1 - z2|), against one sequence per class (an odd batch leaves one sample out of "
@@ -230,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what --mode-seeking compares two samples on: all: V, I and T (Mao et al.); voltage: the "
                           "voltage only, so that the cheap ways to differ (a current offset, a temperature wobble) "
                           "earn nothing and the samples spread in voltage, i.e. in SOC")
-    ext.add_argument("--level-mmd", type=_non_negative_float, default=0.0,
+    ext.add_argument("--level-mmd", type=_weight, default=0.0,
                      help="weight of a level-matching term in the generator's loss: the squared MMD, per class, "
                           "between the generated and the real windows' levels (mean V, I and T; the resistance the "
                           "voltage follows the current with and the spread of the voltage that this does not explain): "
@@ -254,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "after each generator step (one per epoch), and save and evaluate it in the snapshots "
                           "(<epoch>_epoch/generator.pth; the checkpoint keeps both): a GAN's levels swing from one "
                           "snapshot to the next, their average does not; e.g. 0.98; 0: off (the paper)")
-    ext.add_argument("--critic-residual", type=_non_negative_float, default=0.0,
+    ext.add_argument("--critic-residual", type=_weight, default=0.0,
                      help="the critic also reads each sequence's voltage residual about its least-squares line in the "
                           "current (what the cell's resistance does not explain; real windows: 11-18 mV), times this "
                           "scale, as one more input channel, so that a voltage that wanders apart from the current is "

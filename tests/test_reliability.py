@@ -597,3 +597,15 @@ def test_bench_refuses_its_own_flags_by_its_own_names(flags, capsys):
         bench.parse(["--device", "cpu", *flags])
     err = one_line_exit_2(exc.value.code, capsys)
     assert flags[0] in err and "bench.py" in err and "train_lstm_gan" not in err
+
+
+@pytest.mark.parametrize("flags", [["--temperature-bound", "1e308"], ["--level-mmd", "1e308"],
+                                   ["--mode-seeking", "1e9"], ["-glr", "1e308"], ["--seed", str(2 ** 64)],
+                                   ["--seed", "-1"], ["--model-scale", "1e308"]])
+def test_values_that_cannot_be_meant_are_refused(flags, tiny_data, soc_model, tmp_path, capsys):
+    """Beyond a stated maximum a value only makes every loss NaN from epoch 1-2 (or torch refuses the seed)."""
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_args(tiny_data, soc_model, tmp_path / "results", *flags))
+    err = one_line_exit_2(exc.value.code, capsys)
+    assert flags[0] in err and ("must be a number in" in err or "2**63 - 1" in err)
+    assert not (tmp_path / "results").exists()
