@@ -499,9 +499,7 @@ def test_mode_seeking_needs_pairs(cond_data, soc_model, tmp_path, capsys):
     assert not results.exists() or not any(results.iterdir())
 
 
-@pytest.mark.parametrize("run_name, epoch, max_gap, separated", [("lg_cpu_conditional_level", 875, 2.0, False),
-                                                             ("lg_cpu_conditional_temperature", 1575, 1.5, False),
-                                                             ("lg_cpu_conditional_bounded", 25, 1.5, True)])
+@pytest.mark.parametrize("run_name, epoch, max_gap, separated", [("lg_cpu_conditional_bounded", 25, 1.5, True)])
 def test_the_shipped_conditional_runs_keep_their_classes_and_the_cells_resistance(run_name, epoch, max_gap, separated):
     """A shipped conditional run at its evaluated epoch, unlabelled, 96 sequences per class as the README's
     evaluation: they sit within max_gap degC of their class's real mean temperature (2 degC: the issue's bound; the
