@@ -178,13 +178,15 @@ def test_coulomb_check_in_the_sidecar_and_max_coulomb_error_keeps_only_close_seq
 
 
 def test_the_shipped_cpu_run_generates_without_training(tmp_path):
-    """results/lg_cpu_pretrained on a fresh clone: the README's generate command at its recommended epoch, one
-    sequence, in physical units and inside the cell's voltage range; the run folder is left as it was."""
-    run = ROOT / "results" / "lg_cpu_pretrained"
+    """results/lg_cpu_unconditional on a fresh clone: the README's generate command without --epoch, which takes
+    the recommended snapshot (the only one shipped, 150), one sequence, in physical units and inside the cell's
+    voltage range; the run folder is left as it was."""
+    run = ROOT / "results" / "lg_cpu_unconditional"
     before = mtimes(run)
     out = tmp_path / "synthetic.parquet"
-    assert generate.main(["-r", run.name, "--results-dir", str(run.parent), "--epoch", "150", "-n", "1",
+    assert generate.main(["-r", run.name, "--results-dir", str(run.parent), "-n", "1",
                           "-o", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.with_name(out.name + ".json").read_text())["epoch"] == 150
     df = pd.read_parquet(out)
     assert len(df) > 100 and df["sequence"].nunique() == 1
     assert df["voltage_V"].between(2.5, 4.2).all() and df["soc"].notna().all()
