@@ -52,6 +52,16 @@ def seed_type(text: str) -> int:
     return value
 
 
+def in_words(text: object, limit: int = 120) -> str:
+    """text on one line, cut after whole words to about limit characters (' ...' says where)."""
+    words, line = str(text).split(), ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > limit:
+            return line + " ..."
+        line = f"{line} {word}" if line else word
+    return line
+
+
 def cli(run: Callable[[], object]) -> int:
     """A command's main: its UserError becomes `error: ...` on stderr and exit code 2; Ctrl-C (KeyboardInterrupt)
     one line and 130, as shells expect of a SIGINT (an atomic write under way leaves the previous file); an int that

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import UserError, atomic_json, atomic_write, remove_stale_temporaries
+from common import UserError, atomic_json, atomic_write, in_words, remove_stale_temporaries, sha256
 from lg_dataset import DataError, check_scaler
 
 LOSS_COLUMNS = ("g_loss", "d_loss", "d_real", "d_fake", "gp")
@@ -59,13 +59,7 @@ def network_error(err: Exception) -> str:
         return f"{type(err).__name__}: {keys.group(1).lower()} key {names[0]}{more}"
     if "Weights only load failed" in text or "weights_only" in text:
         return f"{type(err).__name__}: it holds pickled objects, not only weights (refused: loading could run code)"
-    line = ""
-    for word in text.split():   # whole words, up to about 120 characters
-        if len(line) + len(word) > 120:
-            line += " ..."
-            break
-        line = f"{line} {word}" if line else word
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+    return f"{type(err).__name__}: {in_words(text)}" if text else type(err).__name__
 
 
 def read_network(path: Path) -> dict:
@@ -175,6 +169,17 @@ class RunDir:
             raise UserError(f"{path}: {problem}; restore the run's config.json (train_lstm_gan.py wrote it at the "
                             f"start of the run) or start a new run")
         return config
+
+    def check_data(self, data_path: Path) -> None:
+        """A resume trains on the data the run was trained on: the SHA-256 config.json records."""
+        recorded = self.read_config().get("data_sha256")
+        if not isinstance(recorded, str):
+            raise UserError(f"{self.path / 'config.json'}: records no data_sha256 (the SHA-256 of the data the run "
+                            f"was trained on), so the data cannot be checked; restore the run's config.json, or "
+                            f"start a new run")
+        if sha256(data_path) != recorded:
+            raise UserError(f"{data_path}: not the data this run was trained on (its SHA-256 differs from "
+                            f"config.json's data_sha256); resume with the run's own data (drop -d) or start a new run")
 
     def write_config(self, config: dict) -> None:
         try:
