@@ -2,6 +2,7 @@
 resolution, the one atomic file write (and the pair of a data file with its sidecar), the small file helpers
 (project_default, sha256, check_writable), the seed's type, and glibc's heap setting for the CPU steps."""
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -163,20 +164,49 @@ def _write_to(tmp: Path, content: str | bytes | Callable[[Path], object]) -> Non
         content(tmp)
 
 
+_staged: dict[Path, Path] | None = None   # within staged_writes(): {path: its written temporary}
+
+
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
     """Write text, bytes, or whatever content(tmp_path) writes, to a hidden temporary file in path's folder, then
     rename it over path: a reader (or a resume) never sees half a file, and an interrupted or failed write (a full
     disk, Ctrl-C) leaves the previous file as it was and no temporary file behind. A SIGKILL cannot be caught: it
-    leaves the temporary, which the next write into the same folder removes (remove_stale_temporaries)."""
+    leaves the temporary, which the next write into the same folder removes (remove_stale_temporaries). Within
+    staged_writes() the rename waits for the end of the block."""
     path = Path(path)
     remove_stale_temporaries(path.parent)
     tmp = temporary_path(path)
     try:
         _write_to(tmp, content)
+        if _staged is not None:
+            _staged[path] = tmp
+            return
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_writes():
+    """Every atomic_write in the block writes its temporary and renames nothing; at the end of the block all are
+    renamed into place, one after the other, or on an exception (a UserError, Ctrl-C) all removed: a command that
+    fails part way (evaluate.py --epoch all on a damaged epoch) leaves every file as it was. A SIGKILL during the
+    renames leaves some files new and some old, each whole, and temporaries the next writer removes."""
+    global _staged
+    outer, _staged = _staged, {}
+    staged = _staged
+    try:
+        yield
+        _staged = outer
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _staged = outer
 
 
 def atomic_pair(path: str | Path, content: str | bytes | Callable[[Path], object], sidecar: str | Path,

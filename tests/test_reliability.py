@@ -357,6 +357,24 @@ def test_atomic_write_keeps_the_old_file_and_no_temporary_on_failure(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
+def test_staged_writes_all_land_or_none(tmp_path):
+    from common import UserError, staged_writes
+    a, b = tmp_path / "a.json", tmp_path / "b.png"
+    a.write_text("old a")
+    with pytest.raises(UserError):
+        with staged_writes():
+            atomic_write(a, "new a")
+            atomic_write(b, b"new b")
+            assert a.read_text() == "old a" and not b.exists()   # nothing in place before the end
+            raise UserError("a later epoch is damaged")
+    assert a.read_text() == "old a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with staged_writes():
+        atomic_write(a, "new a")
+        atomic_write(a, "newer a")   # written twice: the last one lands
+        atomic_write(b, b"new b")
+    assert a.read_text() == "newer a" and b.read_bytes() == b"new b" and not temporaries(tmp_path)
+
+
 def test_a_failed_notebook_copy_leaves_no_partial_file(tiny_data, soc_model, tmp_path, monkeypatch, capsys):
     def full(src, dst):
         Path(dst).write_text("{trunc")
