@@ -226,8 +226,9 @@ def plot(result: dict, path: str | Path) -> None:
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     b, s = result["budget"], result["settings"]
     ax.set(ylabel="RMSE on the real test windows [SOC %]",
-           title=f"N = {s['n_windows']}, budget {b.get('name', 'custom')} (hidden {b['hidden']}, lr {b['lr']:g}, "
-                 f"{b['epochs']} epochs), seeds {result['seeds']}")
+           title=f"N = {s['n_windows']}, budget {b.get('name', 'custom')} (hidden {b['hidden']}, lr {b['lr']:g}"
+                 f"{' cosine to %g' % b['min_lr'] if b.get('lr_decay') == 'cosine' else ''}, {b['epochs']} epochs), "
+                 f"seeds {result['seeds']}")
     ax.title.set_fontsize(9)
     fig.tight_layout()
     try:
