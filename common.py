@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -63,19 +64,35 @@ def in_words(text: object, limit: int = 120) -> str:
     return line
 
 
+class Terminated(BaseException):
+    """A SIGTERM, raised where the command is, so that it unwinds as after Ctrl-C (its temporaries removed)."""
+
+
+def _terminate(_signum, _frame):
+    raise Terminated
+
+
 def cli(run: Callable[[], object]) -> int:
-    """A command's main: its UserError becomes `error: ...` on stderr and exit code 2; Ctrl-C (KeyboardInterrupt)
-    one line and 130, as shells expect of a SIGINT (an atomic write under way leaves the previous file); an int that
-    run returns is the exit code, anything else means 0."""
+    """A command's main: its UserError becomes `error: ...` on stderr and exit code 2; Ctrl-C (SIGINT) and SIGTERM
+    one line and 130 / 143, as shells expect (an atomic write under way leaves the previous file and no temporary;
+    the trainer catches both itself while it trains, to finish the epoch); an int that run returns is the exit code,
+    anything else means 0."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         code = run()
     except UserError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): stopped before finishing; files being written were not replaced",
+    except (KeyboardInterrupt, Terminated) as stop:
+        name, signum = ("Ctrl-C", signal.SIGINT) if isinstance(stop, KeyboardInterrupt) else ("SIGTERM",
+                                                                                            signal.SIGTERM)
+        print(f"interrupted ({name}): stopped before finishing; files being written were not replaced",
               file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 

@@ -490,11 +490,12 @@ def test_a_killed_trainer_leaves_temporaries_that_the_resume_removes(target, mat
     assert (run / "3_epoch" / "generator.pth").is_file() and len(read_losses(run)) == 4
 
 
-def test_ctrl_c_in_generate_is_one_line_and_130(tiny_run, tmp_path):
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_in_generate_is_one_line(signame, code, tiny_run, tmp_path):
     out = tmp_path / "x.csv"
-    done = killed("SIGINT", "sampling.label", "#1", "generate", "-r", tiny_run.name, "--results-dir",
+    done = killed(signame, "sampling.label", "#1", "generate", "-r", tiny_run.name, "--results-dir",
                   tiny_run.parent, "-n", "8", "-o", out, "--device", "cpu")
-    assert done.returncode == 130, done.stderr
+    assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("interrupted")
     assert list(tmp_path.iterdir()) == []
 
