@@ -4,20 +4,43 @@
     python evaluate.py -r 1700000000_lstm_gan --epoch all --quick
     python evaluate.py -r 1700000000_lstm_gan --epoch 20 --n-samples 200 --epochs 5 --tstr-hidden 32   # CPU
     python evaluate.py -r 1700000000_lstm_gan --curve        # learning curve of the whole run -> curve.png
+    python evaluate.py -r 1700000000_lstm_gan --generate 1000 --soc-labels fused   # realism at 1000 per side
+    python evaluate.py -r 1700000000_lstm_gan --downstream [--soc-labels fused] [--downstream-budget paper]
 
 Writes into <run>/<N>_epoch/:
     metrics.json            flat {name: number} (merged into an existing file: the trainer's quick metrics)
     metrics_repeats.json    with --repeats N: each metric at seeds --seed .. --seed+N-1, mean and standard deviation
     metrics_settings.json   seed, sample sizes, the SOC labels the scored sample carries (soc_labels: estimator or
                             fused), training budgets, data files, fixed limits, what each key means
+    realism.json            (not with --quick) the realism scores in full: each classifier's accuracy, its
+                            real-vs-real floor, the features that tell most, the sample size and its flags
     pca.png, tsne.png       the paper's PCA and t-SNE of the per-step feature means, real vs synthetic
     sequences.png, marginals.png, acf.png   example sequences, value histograms, autocorrelation, physical units
+    downstream.json, downstream.png   only with --downstream, which writes nothing else (below)
 
 The synthetic data are the epoch's fake_data.npy (labelled by the trainer; fake_data.npy.json says how), or
 --generate N fresh ones, labelled by --soc-labels (estimator, the paper's, or fused), over the same steps. The real
 reference is the run's training data (or --real) over the same steps as the synthetic data; PCA/t-SNE compare the
 same steps too unless --pca-segment paper (the original: real steps 0..L-1 vs synthetic steps T-L-1..T-2).
 The TSTR/TRTR SOC task tests on --test (the real test cycles). Same --seed, same numbers on CPU.
+Every metric but --quick's includes the realism scores (realism.py): gradient-boosted trees on per-window summary
+features and a GRU classifier (--realism-hidden 64, early stopping within --realism-epochs 30), each against its
+real-vs-real floor, on min(synthetic sequences, real windows / 2, 1000) per side: 1000 needs --generate 1000 or a
+fake_data.npy that large (generate them with --soc-labels fused: the same V, I, T for the same --seed, labelled
+in seconds instead of 40 minutes; the scores read only V, I, T). A smaller sample is scored and flagged
+(small_sample; under 100 watch_only), and every post-hoc score is printed with its sample size, "for watching
+only" under 100 (TimeGAN's discriminative, predictive and the quick TSTR scores too: the trainer's snapshots hold
+a few dozen sequences). The realism scores take 5-15 minutes at 1000 per side on one CPU thread.
+--downstream (nothing else is computed): SOC estimators trained on N real windows with their true SOC (TRTR), on
+the same windows labelled by the labeller of the synthetic data (label_source: the estimator's reading of each
+window, or with --soc-labels fused the fused labels of the 600-step sequences the windows are cut from), on N
+synthetic windows (TSTR) and on 5 % and 10 % of the real windows alone and with the N synthetic ones, each at
+--downstream-budget (small, the default; paper: the paper's schedule) and every --downstream-seeds seed, tested on
+every real --test window overall and per temperature (downstream.py). Synthetic windows come from the epoch's
+generator (noise --seed; a conditional run's in its training windows' class shares): with fused labels each
+600-step sequence gives two 300-step windows (every step is labelled), with the estimator's one, its exported
+steps 299..598; downstream.json says which. Every input is checked before the work starts; downstream.json and
+downstream.png are written together at the end (about 30-60 minutes on one CPU thread at the defaults).
 --curve draws the losses and every metric of the snapshots' metrics.json against the epoch into <run>/curve.png
 (numbers in curve.json), each with its real-vs-real floor: two disjoint samples of real windows of the snapshots'
 size (-ess), measured as the trainer measures the synthetic ones; and, dotted, the floor of real V, I, T labelled by
@@ -25,6 +48,7 @@ the run's SOC estimator (the best a generator can score on the SOC metrics, whos
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,9 +59,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+import downstream
 import metrics
-from common import OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device
-from lg_dataset import data_classes
+import realism
+from common import (OneLineParser, UserError, atomic_json, atomic_write, cli, int_at_least, resolve_device,
+                    staged_writes)
+from lg_dataset import data_classes, load_sidecar
 from run_dir import RunDir
 from sampling import check_labels, class_counts, label, load_soc, real_steps, run_scaler, steps_kept, synthesize
 
@@ -179,6 +206,7 @@ def sample_metrics(args: argparse.Namespace, run_dir: Path, config: dict, epoch_
                           labels=args.soc_labels).x
     else:
         fake = load_array(epoch_dir / "fake_data.npy", "synthetic data")
+    scores = None
     if args.quick:
         values = metrics.quick_metrics(real, fake, scaler, seed)
     else:
@@ -187,11 +215,48 @@ def sample_metrics(args: argparse.Namespace, run_dir: Path, config: dict, epoch_
                                      tstr_epochs=args.tstr_epochs, tstr_hidden=args.tstr_hidden,
                                      tstr_batch_size=args.tstr_batch_size, tstr_max_windows=args.tstr_max_windows,
                                      tstr_max_test=args.tstr_max_test)
+        scores = realism_scores(args, real, fake, scaler, device, seed)
+        values.update(realism.flat(scores) if scores else {})
     if classes is not None:
         values.update(per_class(real, config, args.real_path, fake, classes, scaler, seed))
     elif args.by_temperature:
         values.update(by_temperature(real, args.real_path, fake, scaler, seed))
-    return values, fake
+    return values, fake, scores
+
+
+def realism_scores(args: argparse.Namespace, real: np.ndarray, fake: np.ndarray, scaler: dict | None,
+                   device: torch.device, seed: int) -> dict | None:
+    """realism.realism_scores of the sample against every real window over the same steps: gradient-boosted trees
+    and a GRU (--realism-hidden, --realism-epochs), each with its real-vs-real floor, min(synthetic sequences,
+    real windows / 2, 1000) per side (fewer than 1000: flagged small_sample; under 100: watch_only). None, with
+    a printed line, where the sample gives fewer than realism.REFUSE_BELOW per side."""
+    try:
+        realism.sample_size(len(real), len(fake))
+    except UserError as err:
+        print(f"realism scores skipped: {' '.join(str(err).split())}", flush=True)
+        return None
+    return realism.realism_scores(real, fake, seed, scaler, device,
+                                  gru_kw={"hidden": args.realism_hidden, "max_epochs": args.realism_epochs})
+
+
+# the sample size behind each post-hoc score, printed beside it: under WATCH_ONLY_BELOW it is for watching only
+SAMPLE_SIZES = {"discriminative_score": ("discriminative_n", "per side"),
+                "predictive_mae": ("predictive_n", "training sequences"),
+                "tstr_rmse_soc_pct": ("tstr_n_windows", "training windows"),
+                "trtr_rmse_soc_pct": ("tstr_n_windows", "training windows"),
+                "realism_gbt_score": ("realism_n_per_side", "per side"),
+                "realism_gru_score": ("realism_n_per_side", "per side")}
+
+
+def shown(key: str, text: str, values: dict[str, float]) -> str:
+    """key=text, and for a post-hoc score its sample size, with 'for watching only' under 100."""
+    size_key, unit = SAMPLE_SIZES.get(key, (None, ""))
+    if size_key not in values:
+        return f"{key}={text}"
+    n = int(values[size_key])
+    note = f", fewer than {realism.WATCH_ONLY_BELOW}: for watching only, not a claim" \
+        if n < realism.WATCH_ONLY_BELOW else ""
+    return f"{key}={text} (n = {n} {unit}{note})"
 
 
 def repeat_metrics(first: dict[str, float], more: list[dict[str, float]], seeds: list[int]) -> dict:
@@ -207,7 +272,8 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     scaler = run_scaler(config)
     window = config["args"]["soc_estimator_step"]
     real = real_steps(real_all, config["seq_len"], window, "aligned")
-    values, fake = sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, scaler, device, args.seed)
+    values, fake, scores = sample_metrics(args, run_dir, config, epoch_dir, real, real_all, test, scaler, device,
+                                          args.seed)
     length = fake.shape[1]
     labels = args.soc_labels if args.generate else snapshot_labels(epoch_dir)
     # one sample's metrics move with the sample (the flat MMD of one model by up to 2x between seeds): more
@@ -230,12 +296,16 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
     plot_acf(metrics.subsample(real, args.n_samples, rng), fake_s, epoch_dir / "acf.png")
 
     atomic_json(epoch_dir / "metrics.json", {**read_json(epoch_dir / "metrics.json"), **values})
+    if scores is not None:   # the whole result (accuracies, the trees' telling features, the GRU's epochs)
+        atomic_json(epoch_dir / "realism.json", {"epoch": epoch, "n_fake": len(fake), "soc_labels": labels, **scores})
+        print(f"epoch {epoch}, realism scores:\n  " + realism.describe(scores).replace("\n", "\n  "), flush=True)
     if more:
         repeats = repeat_metrics(values, more, seeds)
         atomic_json(epoch_dir / "metrics_repeats.json", {"n_fake": len(fake), **repeats})
         print(f"epoch {epoch}, mean +- sd over seeds {seeds[0]}..{seeds[-1]}: "
-              + ", ".join(f"{k}={m:.4g}+-{repeats['sd'][k]:.2g}" for k, m in repeats["mean"].items()
-                          if not k.split("/")[-1].startswith("real_")), flush=True)
+              + ", ".join(shown(k, f"{m:.4g}+-{repeats['sd'][k]:.2g}", repeats["mean"])
+                          for k, m in repeats["mean"].items() if not k.split("/")[-1].startswith("real_")),
+              flush=True)
     atomic_json(epoch_dir / "metrics_settings.json", {
         "epoch": epoch, "seed": args.seed, "repeats": args.repeats, "device": str(device), "quick": args.quick,
         "fake": f"--generate {args.generate}" if args.generate else str(epoch_dir / "fake_data.npy"),
@@ -246,7 +316,12 @@ def evaluate_epoch(args: argparse.Namespace, run_dir: Path, config: dict, epoch:
         "tstr_epochs": args.tstr_epochs, "tstr_hidden": args.tstr_hidden,
         "tstr_batch_size": args.tstr_batch_size, "tstr_max_windows": args.tstr_max_windows,
         "tstr_max_test": args.tstr_max_test, "pca_segment": args.pca_segment, "constants": metrics.settings(),
-        "seconds": round(time.time() - started, 2), "docs": metrics.METRIC_DOCS,
+        "realism": None if scores is None else {"n_per_side": scores["n_per_side"], "protocol_per_side":
+                                                realism.MIN_PER_SIDE, "small_sample": scores["small_sample"],
+                                                "watch_only": scores["watch_only"], "units": scores["units"],
+                                                "gru_hidden": args.realism_hidden,
+                                                "gru_max_epochs": args.realism_epochs, "file": "realism.json"},
+        "seconds": round(time.time() - started, 2), "docs": {**metrics.METRIC_DOCS, **realism.METRIC_DOCS},
     })
     return values
 
@@ -262,6 +337,102 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# downstream: SOC estimators trained on the synthetic data, tested on the real test cycles
+
+def file_index(path: Path, rows: int, flag: str) -> list[dict]:
+    """The file_index of a data file's sidecar (lg_dataset.py writes it), covering its `rows` windows."""
+    index = (load_sidecar(path) or {}).get("file_index")
+    if not index or not all({"file", "temp", "start", "stop"} <= set(it) for it in index):
+        raise UserError(f"{path}: its .json sidecar has no file_index (which windows come from which file); pass "
+                        f"data written by python lg_dataset.py with {flag}")
+    if max(it["stop"] for it in index) != rows:
+        raise UserError(f"{path}: its sidecar's file_index covers {max(it['stop'] for it in index)} windows, the "
+                        f"file holds {rows}; rebuild the pair with python lg_dataset.py")
+    return index
+
+
+def check_writable(paths: list[Path]) -> None:
+    folder = paths[0].parent
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, where the output file goes; move it away")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{folder}: the output folder is not writable; make it writable (or copy the run to a "
+                        f"folder you can write and pass --results-dir)")
+
+
+def seeds_arg(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 0,1, got {text!r}") from None
+    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 2 different seeds >= 0 (the spread needs two)")
+    return seeds
+
+
+def budget_arg(text: str) -> str:
+    if text not in downstream.BUDGETS:
+        raise argparse.ArgumentTypeError(f"unknown budget {text!r}; one of {', '.join(downstream.BUDGETS)}")
+    return text
+
+
+def run_downstream(args: argparse.Namespace, run_dir: Path, config: dict, epochs: dict[int, Path],
+                   real_all: np.ndarray, device: torch.device) -> list[Path]:
+    """--downstream: every input checked first (nothing written on bad input), then the synthetic windows, the
+    protocol (downstream.run_protocol) and downstream.json + downstream.png, written together."""
+    if args.epoch == "all":
+        raise UserError(f"{run_dir}: --downstream trains {2 * (3 + 2 * len(downstream.SHARES))} or more SOC "
+                        f"estimators per epoch; name one epoch (--epoch N) or leave --epoch out for the latest")
+    given = [flag for flag, on in (("--quick", args.quick), ("--curve", args.curve), ("--generate", args.generate),
+                                   ("--repeats", args.repeats > 1), ("--by-temperature", args.by_temperature)) if on]
+    if given:
+        raise UserError(f"{run_dir}: --downstream draws its own synthetic windows (their number: --downstream-n) "
+                        f"and computes no other metric; drop {', '.join(given)}")
+    [(epoch, epoch_dir)] = epochs.items()
+    window, n = config["args"]["soc_estimator_step"], args.downstream_n
+    pool, val, val_files = downstream.training_cycles(real_all, file_index(args.real_path, len(real_all), "--real"),
+                                                      window)
+    downstream.check_sizes(len(pool.x), n, n)
+    test_path = find_file(args.test, "SOC test data", "--test")
+    test_all = load_array(test_path, "SOC test data")
+    test_index = file_index(test_path, len(test_all), "--test")
+    if test_all.shape[1] < window:
+        raise UserError(f"{test_path}: test windows of {test_all.shape[1]} steps, shorter than the run's SOC window "
+                        f"({window}); pass the real test windows with --test")
+    outputs = [epoch_dir / "downstream.json", epoch_dir / "downstream.png"]
+    check_writable(outputs)
+    soc = load_soc(config, run_dir, device)
+    labeller = downstream.labeller_for(args.soc_labels, soc, run_scaler(config), window)
+
+    started = time.time()
+    synthetic, record = downstream.synthetic_windows(run_dir, config, epoch_dir, n, args.seed, device,
+                                                     args.soc_labels, labeller)
+    print(f"{record['windows']} synthetic windows from {record['n_sequences']} sequences, {args.soc_labels} labels "
+          f"({time.time() - started:.0f} s)", flush=True)
+    settings = {"run": run_dir.name, "epoch": epoch, "soc_labels": args.soc_labels, "synthetic": record,
+                "real_data": str(args.real_path), "val_files": val_files, "test_data": str(test_path),
+                "test_steps": f"the last {window} of each test window (its label: the true SOC at the last step)",
+                "generation_seconds": round(time.time() - started, 1)}
+    result = downstream.run_protocol(pool, val, downstream.windows(test_all[:, -window:], window), test_index,
+                                     synthetic, labeller, n=n, seeds=args.downstream_seeds,
+                                     budget=args.downstream_budget, device=device, settings=settings,
+                                     log=lambda line: print(line, flush=True))
+    result["wall_seconds"] = round(time.time() - started, 1)
+    with staged_writes():   # both files or neither
+        atomic_json(outputs[0], result)
+        downstream.plot(result, outputs[1])
+    for name, c in result["configurations"].items():
+        print(f"{name:24s} RMSE {c['mean']['rmse_pct']:.2f} +- {c['sd']['rmse_pct']:.2f} %  MAE "
+              f"{c['mean']['mae_pct']:.2f} +- {c['sd']['mae_pct']:.2f} %  ({c['n_real']} real, "
+              f"{c['n_synthetic']} synthetic)")
+    print(", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items() if k != "targets")
+          + f" (targets: TSTR / TRTR <= {downstream.TARGETS['tstr_over_trtr']}, with synthetic / alone <= "
+            f"{downstream.TARGETS['augmented_over_real']}); {result['wall_seconds']:.0f} s")
+    return outputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,9 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", type=int_at_least(1), default=None, metavar="N",
                    help="evaluate N freshly generated sequences instead of the epoch's fake_data.npy")
     p.add_argument("--soc-labels", choices=["estimator", "fused"], default=None,
-                   help="with --generate: the fresh sequences' SOC labels: estimator (the paper's, the default) or "
-                        "fused (the estimator's level plus charge counting; needs the run's scaler with "
-                        "capacity_ah); without --generate, fake_data.npy carries the trainer's (its sidecar says)")
+                   help="with --generate or --downstream: the fresh sequences' SOC labels: estimator (the paper's, the "
+                        "default) or fused (the estimator's level plus charge counting; needs the run's scaler with "
+                        "capacity_ah); without either, fake_data.npy carries the trainer's (its sidecar says)")
     p.add_argument("--n-samples", type=int_at_least(4), default=1000,
                    help="sequences per set for the post-hoc models, PCA/t-SNE and plots (at least 4: PCA, t-SNE "
                         "and the unbiased MMD need a few per set)")
@@ -401,6 +572,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps T-L-1..T-2, as the original")
     p.add_argument("--curve", action="store_true",
                    help="only the learning curve: losses and snapshot metrics against epoch -> <run>/curve.png")
+    p.add_argument("--realism-hidden", type=int_at_least(1), default=64,
+                   help="hidden size of the realism score's GRU classifier (every metric but --quick's; "
+                        "realism.json)")
+    p.add_argument("--realism-epochs", type=int_at_least(1), default=30,
+                   help="most training epochs of the realism score's GRU (early stopping on a validation part)")
+    d = p.add_argument_group("downstream (--downstream: SOC estimators trained on synthetic windows, tested on the "
+                             "real test cycles -> downstream.json, downstream.png)")
+    d.add_argument("--downstream", action="store_true",
+                   help="instead of the metrics: TRTR, the label-source reference, TSTR and real + synthetic "
+                        "augmentation at a fixed budget and several seeds, RMSE and MAE on every real test window "
+                        "overall and per temperature; the labels: --soc-labels (default estimator)")
+    d.add_argument("--downstream-n", type=int_at_least(1), default=2000, metavar="N",
+                   help="windows per training set: N real, N synthetic (at most the real pool's 3312)")
+    d.add_argument("--downstream-budget", type=budget_arg, default="small", metavar="NAME",
+                   help="the SOC LSTM's training budget: small (hidden 64, 12 epochs, cosine 1e-3 to 1e-5; the "
+                        "default, well under an hour on 2 cores) or paper (the paper's schedule: hidden 256, lr "
+                        "1e-5, up to 1000 epochs, patience 50: days on a CPU)")
+    d.add_argument("--downstream-seeds", type=seeds_arg, default=(0, 1), metavar="S,S,...",
+                   help="training seeds (at least 2): each draws the real and synthetic windows, initialises and "
+                        "orders the batches; --seed is the synthetic sequences' noise seed")
     p.add_argument("--by-temperature", action="store_true",
                    help="an unconditional run: also score its sequences per temperature class, each against the "
                         "real class nearest its mean temperature (the reference for a conditional run's classes)")
@@ -424,11 +615,13 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"{run_dir}: --by-temperature is for an unconditional run; this conditional run's "
                             f"metrics are per class already (evaluate it with --generate N)")
         data_classes(args.real_path, len(real_all))   # refused here, before any file is written, without classes
-    if args.soc_labels is not None and not args.generate:
+    if args.soc_labels is not None and not (args.generate or args.downstream):
         raise UserError(f"{run_dir}: --soc-labels {args.soc_labels} labels fresh sequences; add --generate N (the "
-                        f"epoch's fake_data.npy carries the labels the trainer gave it)")
+                        f"epoch's fake_data.npy carries the labels the trainer gave it) or --downstream")
     args.soc_labels = args.soc_labels or "estimator"
     check_labels(args.soc_labels, run_scaler(config), run_dir / "config.json")
+    if args.downstream:
+        return run_downstream(args, run_dir, config, epochs, real_all, device)
     if args.repeats > 1 and not args.generate:
         raise UserError(f"{run_dir}: --repeats {args.repeats} scores fresh samples; add --generate N")
     if args.curve:
@@ -447,7 +640,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     done = []
     for n, epoch_dir in epochs.items():
         values = evaluate_epoch(args, run_dir, config, n, epoch_dir, real_all, test, device)
-        print(f"epoch {n}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+        print(f"epoch {n}: " + ", ".join(shown(k, f"{v:.4g}", values) for k, v in values.items()
                                           if not k.startswith("real_")), flush=True)
         done.append(epoch_dir / "metrics.json")
     return done

@@ -102,11 +102,17 @@ METRIC_DOCS = {
     "predictive_mae": "lower: TimeGAN predictive score: a 2-layer GRU trained on synthetic sequences to predict "
                       "every feature of the next step, MAE on real sequences (scaled units)",
     "predictive_mae_real": "reference: the same predictor trained on other real sequences (train-on-real floor)",
+    "predictive_n": "sequences each predictor trains on (at most max_seq, at most half the real sample): under 100 "
+                    "the predictive scores are for watching, not a claim",
     "tstr_rmse_soc_pct": "lower: the paper's SOC LSTM trained on synthetic windows (label = SOC at the last "
                          "step), RMSE on the real test cycles, SOC in %",
     "tstr_mae_soc_pct": "lower: as tstr_rmse_soc_pct, mean absolute error",
     "trtr_rmse_soc_pct": "reference: the same SOC LSTM trained on as many real training windows, same budget",
     "trtr_mae_soc_pct": "reference: as trtr_rmse_soc_pct, mean absolute error",
+    "tstr_n_windows": "training windows of each SOC LSTM behind tstr_* and trtr_* (as many for both, at most "
+                      "--tstr-max-windows): under 100 those are for watching, not a claim; evaluate.py --downstream "
+                      "runs the protocol that can tell (downstream.json)",
+    "tstr_n_test": "real test windows tstr_* and trtr_* are measured on",
 }
 
 
@@ -358,7 +364,7 @@ def predictive_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torc
                      max_seq: int = 1000) -> dict[str, float]:
     """TimeGAN's predictive score (train on synthetic, test on real): a 2-layer GRU predicts every feature of
     step t+1 from steps 0..t; MAE on one half of the real sample. The same model trained on as many sequences
-    of the other real half gives the train-on-real reference."""
+    of the other real half gives the train-on-real reference. predictive_n: the sequences each model trains on."""
     rng = np.random.default_rng(seed + 1)
     real = real[rng.permutation(len(real))]
     half = max(1, len(real) // 2)
@@ -373,6 +379,7 @@ def predictive_score(real: np.ndarray, fake: np.ndarray, seed: int, device: torc
             fit(model, x[:, :-1], x[:, 1:], F.l1_loss, epochs, batch_size, lr, torch.Generator().manual_seed(seed),
                 every_step=True)
             out[key] = float(F.l1_loss(predict(model, x_test[:, :-1], every_step=True), x_test[:, 1:]))
+    out["predictive_n"] = float(n_train)
     return out
 
 
@@ -398,7 +405,7 @@ def soc_tstr(fake: np.ndarray, test_windows: np.ndarray, train_windows: np.ndarr
     sets = {"tstr": soc_windows(fake, window)}
     if train_windows is not None:
         sets["trtr"] = soc_windows(train_windows, window)
-    n_train = min(max_windows, *(len(s) for s in sets.values()))
+    n_train = tstr_windows(fake, test_windows, train_windows, max_windows)
     test = subsample(test_windows[:, -window:], max_test or len(test_windows), rng)
     x_test, y_test = as_tensor(test[..., :3], device), test[:, -1, 3].astype(np.float64)
     out = {}
@@ -412,6 +419,13 @@ def soc_tstr(fake: np.ndarray, test_windows: np.ndarray, train_windows: np.ndarr
         out[f"{key}_rmse_soc_pct"] = float(100 * np.sqrt(np.mean(err ** 2)))
         out[f"{key}_mae_soc_pct"] = float(100 * np.mean(np.abs(err)))
     return out
+
+
+def tstr_windows(fake: np.ndarray, test_windows: np.ndarray, train_windows: np.ndarray | None,
+                 max_windows: int = 4000) -> int:
+    """The training windows soc_tstr gives each SOC LSTM: as many for TSTR as for TRTR, at most max_windows."""
+    window = min(fake.shape[1], test_windows.shape[1])
+    return min(max_windows, *(len(x) * (x.shape[1] // window) for x in (fake, train_windows) if x is not None))
 
 
 def all_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: int, device: torch.device | str,
@@ -429,4 +443,6 @@ def all_metrics(real: np.ndarray, fake: np.ndarray, scaler: dict | None, seed: i
     if test_windows is not None:
         out.update(soc_tstr(fake, test_windows, train_windows, seed, device, epochs=tstr_epochs, hidden=tstr_hidden,
                             batch_size=tstr_batch_size, max_windows=tstr_max_windows, max_test=tstr_max_test))
+        out["tstr_n_windows"] = float(tstr_windows(fake, test_windows, train_windows, tstr_max_windows))
+        out["tstr_n_test"] = float(min(tstr_max_test or len(test_windows), len(test_windows)))
     return out

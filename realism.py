@@ -34,6 +34,24 @@ WATCH_ONLY_BELOW = 100        # fewer sequences per side: a figure for watching,
 REFUSE_BELOW = 10             # too few to split into folds and held-out parts at all: refused
 
 
+# what the keys realism.flat puts into evaluate.py's metrics.json mean (evaluate.py adds them to its docs)
+METRIC_DOCS = {
+    "realism_n_per_side": "sequences per side behind the realism scores: min(synthetic sequences, real windows / 2 "
+                          f"(the floor needs two disjoint real samples), {MIN_PER_SIDE}); under {MIN_PER_SIDE} a "
+                          f"small sample (realism.json small_sample), under {WATCH_ONLY_BELOW} for watching only",
+    "realism_gbt_score": "lower: |held-out accuracy - 0.5| of gradient-boosted trees (scikit-learn) on per-window "
+                         "summary features (levels, spreads, quantiles, step statistics, lag autocorrelations, the "
+                         "voltage's slope and residual on the current), every window held out once over 5 folds; "
+                         "0 = cannot tell synthetic from real, 0.5 = always can; read against realism_gbt_floor; "
+                         "realism.json names the features that tell most (permutation importance)",
+    "realism_gbt_floor": "reference: the same trees on two disjoint samples of real windows of the same size (what "
+                         "chance gives)",
+    "realism_gru_score": "lower: |held-out accuracy - 0.5| of a post-hoc 2-layer GRU (hidden 64) on the sequences, "
+                         "30 % held out, early stopping on a validation part; read against realism_gru_floor",
+    "realism_gru_floor": "reference: the same GRU on two disjoint samples of real windows of the same size",
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # features
 

@@ -11,6 +11,7 @@ from common import UserError
 from soc_estimator import SOCEstimator
 
 ROOT = Path(__file__).resolve().parent.parent
+SCALER = json.loads((ROOT / "data" / "lg_600_data.json").read_text())["scaler"]
 W = 30
 TOY = {"hidden": 8, "lr": 1e-2, "batch_size": 16, "epochs": 2, "patience": 2, "name": "toy"}
 
@@ -37,7 +38,8 @@ def test_training_cycles_hold_out_whole_files(real):
     pool, val, files = ds.training_cycles(x, index)
     assert files == ["0degC/590_Mixed8", "10degC/571_Mixed8", "25degC/552_Mixed8"]
     n_val = sum(it["stop"] - it["start"] for it in index if it["file"] in files)
-    assert len(val[0]) == 2 * n_val and len(pool[0]) + len(val[0]) == 2 * len(x)   # two 300-step windows each
+    assert len(val[0]) == 2 * n_val and len(pool.x) + len(val[0]) == 2 * len(x)   # two 300-step windows each
+    assert len(pool.sequences) == len(x) - n_val and np.array_equal(ds.windows(pool.sequences)[0], pool.x)
     first = next(it for it in index if it["file"] == files[0])
     assert np.array_equal(val[0][0], x[first["start"], :300, :3]) and val[1][1] == x[first["start"], -1, 3]
     assert ds.training_cycles(x, index, val_files=["0degC/589_Mixed1"])[2] == ["0degC/589_Mixed1"]
@@ -45,23 +47,41 @@ def test_training_cycles_hold_out_whole_files(real):
         ds.training_cycles(x, index, val_files=["0degC/589_UDDS"])
 
 
-def test_estimator_labeller_reads_the_last_step(soc_model, test_set):
+def test_estimator_labeller_reads_the_last_step_of_each_window(soc_model, test_set, real):
     (X, _), _ = test_set
-    label = ds.estimator_labeller(SOCEstimator.load(soc_model))
     est = SOCEstimator.load(soc_model)
-    assert np.array_equal(label(X[:5]), est.label(X[:5], window=W)[:, 0]) and label.name.endswith(soc_model.name)
+    label = ds.estimator_labeller(est, W)
+    assert np.allclose(label(X[:5]), est.label(X[:5], window=W)[:, 0], atol=1e-6) and soc_model.name in label.name
+    seqs = np.asarray(real[0][:3, -3 * W:])   # three windows from each sequence, in windows()' order
+    cut = ds.windows(seqs, W)[0]
+    assert np.allclose(label(seqs), est.label(cut, window=W)[:, 0], atol=1e-6)
+
+
+def test_fused_labeller_labels_whole_sequences_then_cuts_them(soc_model, real):
+    """Fused labels of a 2W-step sequence: the fused labels of the whole sequence at each window's end, not of
+    each window alone; they follow the charge counted from the current (what makes them fused)."""
+    est = SOCEstimator.load(soc_model)
+    seqs = np.asarray(real[0][:4, -2 * W:])
+    label = ds.fused_labeller(est, SCALER, W)
+    soc, _ = est.fused_labels(seqs[..., :3], SCALER, W)
+    assert np.allclose(label(seqs), soc[:, [W - 1, 2 * W - 1]].reshape(-1), atol=1e-6)
+    alone = label(np.concatenate([seqs[:, :W], seqs[:, W:]]))   # each window labelled on its own: other levels
+    assert not np.allclose(np.sort(alone), np.sort(label(seqs)), atol=1e-4)
+    assert "fused" in label.name and ds.labeller_for("fused", est, SCALER, W).name == label.name
+    assert ds.labeller_for("estimator", est, SCALER, W).name == ds.estimator_labeller(est, W).name
 
 
 def test_training_sets_nest_and_repeat(real):
     x, index = real
-    pool = ds.windows(np.asarray(x[:60, -60:]), W)
+    pool = ds.pool_of(np.asarray(x[:60, -60:]), W)
     syn = ds.windows(np.asarray(x[100:150, -60:]), W)
-    sets = ds.training_sets(pool, syn, lambda X: np.full(len(X), 0.5, np.float32), 40, (0.05, 0.1),
-                            np.random.default_rng(0))
+    sets = ds.training_sets(pool, np.full(len(pool.x), 0.5, np.float32), syn, 40, (0.05, 0.1),
+                            np.random.default_rng(0), "half")
     assert list(sets) == ["trtr", "label_source", "tstr", "real_5pct", "real_5pct+synthetic", "real_10pct",
                           "real_10pct+synthetic"]
     (trx, try_), _ = sets["trtr"]
     assert np.array_equal(sets["label_source"][0][0], trx) and (sets["label_source"][0][1] == 0.5).all()
+    assert sets["label_source"][1]["labels"] == "half"
     (small, small_y), info = sets["real_10pct"]
     assert info == {"n_real": 4, "n_synthetic": 0, "labels": "true"} and len(sets["real_5pct"][0][0]) == 2
     assert all(any(np.array_equal(s, t) for t in trx) for s in small)   # a subset of the TRTR windows
@@ -69,16 +89,15 @@ def test_training_sets_nest_and_repeat(real):
     rep = ds.repeated((small, small_y), 40)
     assert len(rep[0]) == 40 and np.array_equal(rep[0][4:8], small)
     with pytest.raises(UserError, match="lower N"):
-        ds.training_sets(pool, syn, lambda X: X[:, -1, 0], 500, (0.1,), np.random.default_rng(0))
+        ds.training_sets(pool, pool.y, syn, 500, (0.1,), np.random.default_rng(0))
 
 
 def test_protocol_records_every_configuration_and_seed(real, test_set, tmp_path):
     x, index = real
-    pool = ds.windows(np.asarray(x[:80, -60:]), W)
+    pool = ds.pool_of(np.asarray(x[:80, -60:]), W)
     val = ds.windows(np.asarray(x[1900:1920, -60:]), W)
     syn = ds.windows(np.asarray(x[600:650, -60:]), W)
-    truth = {X.tobytes(): y for X, y in zip(*pool)}
-    oracle = lambda X: np.array([truth[w.tobytes()] for w in X], np.float32)   # the true SOC as a labeller
+    oracle = lambda seqs: ds.windows(seqs, W)[1]   # the true SOC as a labeller
     oracle.name = "oracle"
     (X_test, y_test), test_index = test_set
     result = ds.run_protocol(pool, val, (X_test, y_test), test_index, syn, oracle, n=40, shares=(0.05, 0.1),
@@ -86,6 +105,7 @@ def test_protocol_records_every_configuration_and_seed(real, test_set, tmp_path)
     configs = result["configurations"]
     assert len(configs) == 7 and all(len(c["runs"]) == 2 for c in configs.values())
     assert result["settings"]["run"] == "toy" and result["settings"]["labeller"] == "oracle"
+    assert result["settings"]["label_source_error_pct"] == {"rmse_pct": 0.0, "mae_pct": 0.0}
     assert result["settings"]["test_windows"] == 44 and result["budget"]["hidden"] == 8 and result["seeds"] == [0, 1]
     # the labeller reads the true SOC: the label-source set is the TRTR set, the same seed gives the same model
     for a, b in zip(configs["trtr"]["runs"], configs["label_source"]["runs"]):

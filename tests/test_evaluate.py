@@ -4,20 +4,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
-from helpers import mtimes
+from helpers import ROOT, mtimes
 
 # the post-hoc models at toy size: the point here is the plumbing, test_metrics.py checks the numbers
 TINY = ["--device", "cpu", "--epochs", "2", "--hidden", "8", "--tstr-epochs", "1", "--tstr-hidden", "8",
-        "--tstr-max-test", "64", "--n-samples", "50"]
+        "--tstr-max-test", "64", "--n-samples", "50", "--realism-hidden", "8", "--realism-epochs", "2"]
 PLOTS = ("pca.png", "tsne.png", "sequences.png", "marginals.png", "acf.png")
 EVERY_KEY = ("nonfinite_share", "w1_V", "w1_I", "w1_T", "w1_SOC", "w1_mean", "acf_diff_V", "acf_diff_mean",
              "mmd2_rbf_flat", "mmd2_rbf_diff", "phys_v_out_of_limits", "phys_t_out_of_range", "phys_v_residual_mv",
              "phys_resistance_mohm", "real_phys_resistance_mohm",
              "phys_soc_out_of_range", "phys_soc_rise_while_discharging", "real_phys_v_out_of_limits",
-             "discriminative_score", "discriminative_accuracy", "predictive_mae", "predictive_mae_real",
-             "tstr_rmse_soc_pct", "tstr_mae_soc_pct", "trtr_rmse_soc_pct", "trtr_mae_soc_pct")
+             "discriminative_score", "discriminative_accuracy", "discriminative_n", "predictive_mae",
+             "predictive_mae_real", "predictive_n", "tstr_rmse_soc_pct", "tstr_mae_soc_pct", "trtr_rmse_soc_pct",
+             "trtr_mae_soc_pct", "tstr_n_windows", "tstr_n_test", "realism_n_per_side", "realism_gbt_score",
+             "realism_gbt_floor", "realism_gru_score", "realism_gru_floor")
 
 
 def ev(run: Path, *extra) -> int:
@@ -38,7 +41,20 @@ def test_latest_epoch_gets_every_metric_and_the_plots(tiny_run, capsys, device):
         assert (epoch_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not (tiny_run / "1_epoch" / "metrics_settings.json").exists()   # only the epoch asked for
     assert not list(tiny_run.rglob(".*.tmp"))
-    assert "epoch 2: nonfinite_share=0, w1_V=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "epoch 2: nonfinite_share=0, w1_V=" in out
+    # the realism scores of the 12 snapshot sequences against 12 of the 24 real windows: scored, flagged, and
+    # every post-hoc score printed with its sample size and the small-sample warning
+    realism_json = json.loads((epoch_dir / "realism.json").read_text())
+    assert realism_json["n_per_side"] == values["realism_n_per_side"] == 12 and values["discriminative_n"] == 12
+    assert realism_json["small_sample"] and realism_json["watch_only"] and realism_json["soc_labels"] == "estimator"
+    assert realism_json["gru"]["score"] == values["realism_gru_score"] and realism_json["gbt"]["top_features"]
+    assert settings["realism"]["n_per_side"] == 12 and "realism_gbt_floor" in settings["docs"]
+    watch = "fewer than 100: for watching only, not a claim"
+    for key, n in (("discriminative_score", "12 per side"), ("predictive_mae", "12 training sequences"),
+                   ("tstr_rmse_soc_pct", "12 training windows"), ("realism_gbt_score", "12 per side")):
+        assert f"{key}={values[key]:.4g} (n = {n}, {watch})" in out, key
+    assert "gradient-boosted trees: score" in out and "n = 12 per side (fewer than 100 per side: for watching" in out
 
 
 def test_same_seed_same_numbers_and_merge_with_the_trainers_file(tiny_run):
@@ -163,3 +179,153 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_run, tmp_pat
     assert code == 2
     assert err.startswith("error:") and "\n" not in err, err
     assert mtimes(tmp_path) == before
+
+
+# ---- --downstream ----------------------------------------------------------------------------------------------
+
+TOY_BUDGET = {"hidden": 8, "lr": 1e-2, "batch_size": 16, "epochs": 2, "patience": 2}
+CONFIGURATIONS = ["trtr", "label_source", "tstr", "real_5pct", "real_5pct+synthetic", "real_10pct",
+                  "real_10pct+synthetic"]
+
+
+@pytest.fixture(scope="module")
+def downstream_data(tmp_path_factory) -> dict[str, Path]:
+    """Real sequences of every training file (4 per file, 40 steps: two of the tiny run's 20-step SOC windows
+    each) and 4 windows of every test file (their last 40 steps), each with the sidecar file_index lg_dataset.py
+    writes."""
+    folder = tmp_path_factory.mktemp("downstream_data")
+    paths = {}
+    for name, stem in (("real", "lg_600_data"), ("test", "lg_test_300_data")):
+        x = np.load(ROOT / "data" / f"{stem}.npy", mmap_mode="r")
+        side = json.loads((ROOT / "data" / f"{stem}.json").read_text())
+        rows, index = [], []
+        for it in side["file_index"]:
+            take = list(range(it["start"], it["stop"], max(1, (it["stop"] - it["start"]) // 4)))[:4]
+            index.append({**it, "start": len(rows), "stop": len(rows) + len(take)})
+            rows += take
+        paths[name] = folder / f"{name}.npy"
+        np.save(paths[name], np.ascontiguousarray(x[rows, -40:]))
+        paths[name].with_suffix(".json").write_text(json.dumps({"scaler": side["scaler"], "file_index": index}))
+    return paths
+
+
+def downstream_argv(run: Path, data: dict[str, Path], *extra: str) -> list[str]:
+    return ["-r", run.name, "--results-dir", str(run.parent), "--device", "cpu", "--downstream",
+            "--real", str(data["real"]), "--test", str(data["test"]), "--downstream-n", "40",
+            "--downstream-budget", "toy", *extra]
+
+
+@pytest.mark.parametrize("labels", ["estimator", "fused"])
+def test_downstream_writes_every_configuration_seed_and_the_plot(labels, tiny_run, downstream_data, tmp_path,
+                                                                  monkeypatch, capsys):
+    import shutil
+    import downstream
+    monkeypatch.setitem(downstream.BUDGETS, "toy", TOY_BUDGET)
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    epoch_dir = copy / "2_epoch"
+    before = {p.name: p.stat().st_mtime_ns for p in epoch_dir.iterdir()}
+    assert evaluate.main(downstream_argv(copy, downstream_data, "--soc-labels", labels)) == 0
+    result = json.loads((epoch_dir / "downstream.json").read_text())
+    assert (epoch_dir / "downstream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name: p.stat().st_mtime_ns for p in epoch_dir.iterdir() if p.name in before} == before  # no metric
+    assert sorted(set(p.name for p in epoch_dir.iterdir()) - set(before)) == ["downstream.json", "downstream.png"]
+    configs = result["configurations"]
+    assert list(configs) == CONFIGURATIONS and result["seeds"] == [0, 1]
+    assert all([r["seed"] for r in c["runs"]] == [0, 1] for c in configs.values())
+    for c in configs.values():
+        for r in c["runs"]:
+            assert set(r["per_temp"]) == {"0degC", "10degC", "25degC"}
+            assert all(np.isfinite(v) for e in (r["overall"], *r["per_temp"].values()) for v in e.values())
+        assert {"rmse_pct", "mae_pct", "0degC/rmse_pct", "25degC/mae_pct"} <= set(c["mean"]) == set(c["sd"])
+    settings, budget = result["settings"], result["budget"]
+    assert budget == {**TOY_BUDGET, "name": "toy"} and settings["n_windows"] == 40 and settings["epoch"] == 2
+    assert settings["test_windows"] == 44 and settings["window"] == 20 and settings["soc_labels"] == labels
+    synthetic = settings["synthetic"]
+    # fused labels label every step: a 40-step sequence gives two 20-step windows; the estimator's only the
+    # exported steps (19..38), one window each
+    assert (synthetic["windows_per_sequence"], synthetic["n_sequences"], synthetic["generated_steps"]) == \
+        ((2, 20, [0, 39]) if labels == "fused" else (1, 40, [19, 38]))
+    # the label-source reference is labelled by the labeller of the synthetic data
+    assert configs["label_source"]["labels"] == settings["labeller"] == synthetic["labeller"]
+    assert ("fused" in settings["labeller"]) == (labels == "fused")
+    assert result["ratios"]["tstr_over_trtr"] == pytest.approx(configs["tstr"]["mean"]["rmse_pct"] /
+                                                               configs["trtr"]["mean"]["rmse_pct"])
+    out = capsys.readouterr().out
+    assert "real_10pct+synthetic_over_real_10pct" in out and f"{labels} labels" in out
+
+
+def test_downstream_labels_are_those_the_samplers_give(tiny_run, soc_model):
+    """The windows --downstream trains on carry the labels generate.py would give the same sequences: with fused
+    labels those of sampling.synthesize(steps='all') at each window's end, with the estimator's the label of the
+    last exported step (steps='paper'); the label-source labeller is the same function, applied to real data."""
+    import downstream
+    from sampling import load_soc, run_scaler, synthesize
+    from run_dir import RunDir
+    config = RunDir.open(tiny_run.parent, tiny_run.name).read_config()
+    epoch_dir, device = tiny_run / "2_epoch", torch.device("cpu")
+    soc = load_soc(config, tiny_run, device)
+    for labels, steps in (("fused", "all"), ("estimator", "paper")):
+        labeller = downstream.labeller_for(labels, soc, run_scaler(config), 20)
+        (x, y), record = downstream.synthetic_windows(tiny_run, config, epoch_dir, 6, 3, device, labels, labeller)
+        sample = synthesize(tiny_run, config, epoch_dir, record["n_sequences"], 3, device, steps=steps,
+                            labels=labels).x
+        if labels == "fused":
+            assert np.array_equal(x, sample[..., :3].reshape(6, 20, 3))
+            assert np.allclose(y, sample[:, [19, 39], 3].reshape(-1), atol=1e-6)
+        else:
+            assert np.array_equal(x, sample[..., :3]) and np.allclose(y, sample[:, -1, 3], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["n_too_large", "unknown_budget", "unwritable", "output_is_a_folder",
+                                  "all_epochs", "with_quick", "one_seed", "test_without_index"])
+def test_downstream_bad_input_is_one_line_and_writes_nothing(case, tiny_run, downstream_data, tmp_path,
+                                                            monkeypatch, capsys):
+    import os
+    import shutil
+    import subprocess
+    import downstream
+    monkeypatch.setitem(downstream.BUDGETS, "toy", TOY_BUDGET)
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    argv = downstream_argv(copy, downstream_data)
+    epoch_dir, locked = copy / "2_epoch", False
+    if case == "n_too_large":   # the real pool holds 120 windows
+        argv[argv.index("--downstream-n") + 1] = "500"
+    elif case == "unknown_budget":
+        argv[argv.index("--downstream-budget") + 1] = "huge"
+    elif case == "unwritable":
+        epoch_dir.chmod(0o555)
+        if os.access(epoch_dir, os.W_OK):   # root writes anyway: make the folder immutable instead
+            locked = subprocess.run(["chattr", "+i", str(epoch_dir)], capture_output=True).returncode == 0
+            if not locked:
+                pytest.skip("cannot make a folder unwritable here (root without chattr)")
+    elif case == "output_is_a_folder":
+        (epoch_dir / "downstream.png").mkdir()
+    elif case == "all_epochs":
+        argv += ["--epoch", "all"]
+    elif case == "with_quick":
+        argv += ["--quick"]
+    elif case == "one_seed":
+        argv += ["--downstream-seeds", "0"]
+    elif case == "test_without_index":
+        bare = tmp_path / "bare_test.npy"
+        shutil.copyfile(downstream_data["test"], bare)
+        argv[argv.index("--test") + 1] = str(bare)
+    before = mtimes(tmp_path)
+    try:
+        if case in ("unknown_budget", "one_seed"):   # refused by the parser
+            with pytest.raises(SystemExit) as exc:
+                evaluate.main(argv)
+            code = exc.value.code
+        else:
+            code = evaluate.main(argv)
+    finally:
+        if locked:
+            subprocess.run(["chattr", "-i", str(epoch_dir)], check=True)
+        epoch_dir.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err, err
+    assert mtimes(tmp_path) == before
+    assert not (epoch_dir / "downstream.json").exists()
