@@ -51,11 +51,6 @@ class Pool(NamedTuple):
     sequences: np.ndarray
 
 
-def pool_of(sequences: np.ndarray, window: int = 300) -> Pool:
-    """Real sequences [m, T, >=4] (V, I, T, SOC) -> their windows as a Pool."""
-    sequences = np.asarray(sequences)
-    return Pool(*windows(sequences, window), sequences)
-
 # "small": a budget the whole protocol (7 sets x 2 seeds) fits in well under an hour on 2 CPU cores (measured in
 # docs/experiments/2026-12-08-downstream-and-realism.md); "paper": the paper's estimator schedule (days on a CPU)
 # "small": the learning rate falls from 1e-3 to 1e-5 over the epochs (cosine), which settles the noisy validation
@@ -78,6 +73,12 @@ def windows(x: np.ndarray, window: int = 300) -> Windows:
     aligned to its end (metrics.soc_windows), each labelled with the SOC at its last step."""
     w = soc_windows(np.asarray(x)[..., :4], window)
     return np.ascontiguousarray(w[..., :3], np.float32), np.ascontiguousarray(w[:, -1, 3], np.float32)
+
+
+def pool_of(sequences: np.ndarray, window: int = 300) -> Pool:
+    """Real sequences [m, T, >=4] (V, I, T, SOC) -> their windows as a Pool."""
+    sequences = np.asarray(sequences)
+    return Pool(*windows(sequences, window), sequences)
 
 
 def training_cycles(real: np.ndarray, file_index: list[dict], window: int = 300,
@@ -333,7 +334,7 @@ def plot(result: dict, path: str | Path) -> None:
     ax.set(ylabel="RMSE on the real test windows [SOC %]",
            title=f"N = {s['n_windows']}, budget {b.get('name', 'custom')} (hidden {b['hidden']}, lr {b['lr']:g}"
                  f"{' cosine to %g' % b['min_lr'] if b.get('lr_decay') == 'cosine' else ''}, {b['epochs']} epochs), "
-                 f"seeds {result['seeds']}")
+                 f"seeds {result['seeds']}{', %s labels' % s['soc_labels'] if 'soc_labels' in s else ''}")
     ax.title.set_fontsize(9)
     fig.tight_layout()
     try:
