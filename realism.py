@@ -268,7 +268,8 @@ def describe(result: dict) -> str:
             r, floor = result[name], result[f"{name}_floor"]
             line = (f"{label}: score {r['score']:.3f} (accuracy {r['accuracy']:.3f}), real-vs-real floor "
                     f"{floor['score']:.3f}, n = {n} per side{note}")
-            if "top_features" in r:
-                line += "; telling most: " + ", ".join(f"{k} {v:.3f}" for k, v in r["top_features"])
+            if "top_features" in r:   # those whose shuffling costs accuracy (one that tells alone leaves 0 to the rest)
+                telling = [f"{k} {v:.3f}" for k, v in r["top_features"] if v > 0]
+                line += "; telling most: " + (", ".join(telling) or "none (no feature's shuffling costs accuracy)")
             lines.append(line)
     return "\n".join(lines)

@@ -130,3 +130,16 @@ def test_realism_scores_sample_size_rules(halves):
         realism.sample_size(len(real), 9)
     with pytest.raises(ValueError, match="same steps"):
         realism.realism_scores(real, b[:, :50], gru=False)
+
+
+def test_describe_names_only_the_features_that_tell_and_every_flat_key_is_documented():
+    scored = {"score": 0.5, "accuracy": 1.0, "top_features": [["T_step_changed_share", 0.38], ["V_mean", 0.0]]}
+    floor = {"score": 0.01, "accuracy": 0.51, "top_features": [["V_mean", 0.0]]}
+    result = {"n_per_side": 1000, "small_sample": False, "watch_only": False, "gbt": scored, "gbt_floor": floor,
+              "gru": {"score": 0.4, "accuracy": 0.9}, "gru_floor": {"score": 0.02, "accuracy": 0.52}}
+    text = realism.describe(result)
+    assert "telling most: T_step_changed_share 0.380\n" in text and "V_mean" not in text
+    assert "small sample" not in text and "watching" not in text   # 1000 per side: the protocol's size
+    assert set(realism.flat(result)) == set(realism.METRIC_DOCS)
+    floor_only = dict(result, gbt=floor)
+    assert "telling most: none" in realism.describe(floor_only)
