@@ -257,9 +257,19 @@ def on_grain(x: torch.Tensor, lsb: float, noise: torch.Tensor | None = None) -> 
 # the sensors' noise before rounding, in LSBs (V, I, T): the smallest that gives the real share of logged steps
 # that change (V 0.78, I 0.57, T 0.014 of the steps of the median window) in the probe of the dated docs entry
 SENSOR_NOISE_LSB = (0.18, 0.25, 0.05)
-RAW_CHANNELS = 5          # the generator's outputs that the head reads: power, temperature, residual, SOC, current
-RESIDUAL_V = 0.03         # V: the largest voltage the generator may add to the cell model's (its fit: 8-16 mV RMS)
-SOC_GAIN = 4.0            # SOC0 = sigmoid(SOC_GAIN x mean of its channel): the LSTM's outputs lie within -1..1
+RAW_CHANNELS = 4          # the generator's outputs that the head reads: power, temperature, residual, current
+RESIDUAL_V = 0.02         # V: the largest voltage the generator may add about the cell model's (its fit: 8-16 mV RMS)
+SOC_QUANTILES = 101       # the start-SOC distribution of each class, as this many quantiles
+
+
+def soc_start(real: np.ndarray, classes, n_classes: int) -> list[list[float]]:
+    """The SOC the real windows start from (real [n, T, >= 4], SOC in column 3), per class (classes: [n] class
+    indices, numpy or torch; None: one row), as SOC_QUANTILES quantiles: the physics head draws each window's
+    starting SOC from them."""
+    classes = None if classes is None else np.asarray(classes)
+    rows = [real[:, 0, 3]] if classes is None else [real[classes == k, 0, 3] for k in range(n_classes)]
+    grid = np.linspace(0, 1, SOC_QUANTILES)
+    return [np.quantile(np.asarray(r, np.float64), grid).tolist() for r in rows]
 
 
 class PhysicsHead(nn.Module):
@@ -269,11 +279,15 @@ class PhysicsHead(nn.Module):
          tester turns it into a current (cell model), the current sensor reads it on its grain;
       1: the temperature (scaled, as the generator's own channel; the temperature head damps/bounds it first),
          read on the temperature sensor's grain;
-      2: a voltage residual, at most RESIDUAL_V, added to the cell model's voltage before its sensor;
-      3: the SOC the window starts from (its mean over the window, through a sigmoid);
-      4: the current before the window (its mean; the RC pairs and the tester start there).
-    The hold's phase and the sensors' noise come from the generator's noise z itself (its last four channels, i.i.d.
-    N(0, 1) at every step), so a seed gives the same sequences on any device."""
+      2: a voltage residual about the cell model's voltage, at most RESIDUAL_V and of mean zero over the window (the
+         window's voltage level is the cell model's at its SOC, so that the SOC and the voltage agree as a cell's);
+      3: the current before the window (its mean over the window; the RC pairs and the tester start there).
+    The SOC a window starts from is not learned: it is drawn from the real windows' start-SOC distribution of its
+    class (params["soc_start"], quantiles; soc_start()), so the synthetic data covers the SOC range as the real
+    data does (left to the critic, which sees the SOC only through the voltage, every run so far narrowed it). The
+    draw's uniform comes from z's first channel at the first step, which --generator-noise mixed / smooth hold over
+    the whole window, so the LSTMs see it at every step. The hold's phase and the sensors' noise come from z's last
+    four channels (i.i.d. N(0, 1) at every step). So a seed gives the same sequences on any device."""
 
     def __init__(self, params: dict, scaler: dict):
         super().__init__()
@@ -282,12 +296,14 @@ class PhysicsHead(nn.Module):
         self.power_mid, self.power_half = (lo + hi) / 2, 1.15 * (hi - lo) / 2
         self.hold = int(params["tester"]["hold_steps"])
         self.lsb = params["sensor_lsb"]
-        self.register_buffer("scale_min", torch.tensor(scaler["min"], dtype=torch.float32), persistent=False)
-        self.register_buffer("scale_max", torch.tensor(scaler["max"], dtype=torch.float32), persistent=False)
+        buf = lambda name, value: self.register_buffer(name, torch.tensor(value, dtype=torch.float32),
+                                                       persistent=False)
+        buf("scale_min", scaler["min"])
+        buf("scale_max", scaler["max"])
         capacity = {float(k.removesuffix("degC")): q for k, q in params["capacity_ah"].items()}
-        self.register_buffer("capacity_t", torch.tensor(sorted(capacity), dtype=torch.float32), persistent=False)
-        self.register_buffer("capacity_ah", torch.tensor([capacity[t] for t in sorted(capacity)],
-                                                         dtype=torch.float32), persistent=False)
+        buf("capacity_t", sorted(capacity))
+        buf("capacity_ah", [capacity[t] for t in sorted(capacity)])
+        buf("soc_quantiles", params["soc_start"])   # [classes or 1, SOC_QUANTILES]
 
     def held(self, power: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """[B, T] demand -> the value at each hold's first step, held to the next: holds start at steps
@@ -297,18 +313,28 @@ class PhysicsHead(nn.Module):
         start = torch.where(steps >= phase, steps - (steps - phase) % self.hold, torch.zeros_like(steps))
         return power.gather(1, start)
 
-    def forward(self, raw: torch.Tensor, noise: torch.Tensor, temperature_scaled: torch.Tensor) -> torch.Tensor:
-        """raw [B, T, RAW_CHANNELS], noise [B, T, 4] (i.i.d. N(0, 1)), temperature_scaled [B, T] -> [B, T, 3]."""
+    def start_soc(self, uniform: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """[B] uniforms -> SOC drawn from each sequence's class's start-SOC quantiles (linear between them)."""
+        table = self.soc_quantiles[onehot.argmax(1)] if onehot.shape[1] else self.soc_quantiles[:1].expand(
+            len(uniform), -1)
+        grid = torch.linspace(0, 1, table.shape[1], device=table.device)
+        soc, _ = interpolate(uniform, grid, table)
+        return soc
+
+    def forward(self, raw: torch.Tensor, noise: torch.Tensor, temperature_scaled: torch.Tensor, held_noise:
+                torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """raw [B, T, RAW_CHANNELS], noise [B, T, 4] (i.i.d. N(0, 1)), temperature_scaled [B, T], held_noise [B]
+        (N(0, 1), the LSTMs see it throughout), onehot [B, classes] (no columns: unconditional) -> [B, T, 3]."""
         lo, span = self.scale_min, self.scale_max - self.scale_min
         temperature = temperature_scaled * span[2] + lo[2]
         mean_t = temperature.mean(1)
-        uniform = torch.special.ndtr(noise[:, 0, 0])
-        power = self.held(self.power_mid + self.power_half * raw[..., 0], uniform)
-        soc0 = torch.sigmoid(SOC_GAIN * raw[..., 3].mean(1))
-        current0 = lo[1] + span[1] * (0.5 + 0.5 * raw[..., 4].mean(1))
+        power = self.held(self.power_mid + self.power_half * raw[..., 0], torch.special.ndtr(noise[:, 0, 0]))
+        soc0 = self.start_soc(torch.special.ndtr(held_noise), onehot)
+        current0 = lo[1] + span[1] * (0.5 + 0.5 * raw[..., 3].mean(1))
         nearest = (mean_t.detach()[:, None] - self.capacity_t[None]).abs().argmin(1)
         current, voltage, _ = self.cell(power, soc0, mean_t, current0, self.capacity_ah[nearest])
-        voltage = voltage + RESIDUAL_V * raw[..., 2]
+        residual = raw[..., 2] - raw[..., 2].mean(1, keepdim=True)
+        voltage = voltage + RESIDUAL_V * residual
         readings = [on_grain(x, lsb, sigma * noise[..., k + 1]) for k, (x, lsb, sigma) in
                     enumerate(zip((voltage, current, temperature), self.lsb, SENSOR_NOISE_LSB))]
         return (torch.stack(readings, -1) - lo) / span
@@ -332,27 +358,39 @@ def load(path: str | Path) -> dict:
 DEFAULT_PATH = "./data/lg_cell_model.json"
 
 
-def for_run(args, scaler: dict | None, config: dict | None = None, run_path: str | Path | None = None
+def for_run(args, scaler: dict | None, config: dict | None = None, run_path: str | Path | None = None,
+            real: np.ndarray | None = None, classes: np.ndarray | None = None, n_classes: int = 0
             ) -> tuple[dict, dict] | None:
-    """--generator-head physics: (the cell model's parameters, the data's scaler) of a run, None without the flag.
-    A saved run's (config: the config.json of the run folder run_path) are its own, as recorded; a new run's come
-    from --cell-model and the data's sidecar (scaler)."""
+    """--generator-head physics: (the cell model's parameters with the data's start-SOC quantiles, the data's
+    scaler) of a run, None without the flag. A saved run's (config: the config.json of the run folder run_path)
+    are its own, as recorded; a new run's come from --cell-model, the data (real [n, T, 4], its classes) and the
+    data's sidecar (scaler)."""
     if getattr(args, "generator_head", "none") != "physics":
         return None
+    if getattr(args, "generator_noise", "step") == "step":
+        raise UserError("--generator-head physics: draws each window's SOC from a noise channel held over the window, "
+                        "which --generator-noise step does not hold; use --generator-noise mixed or smooth "
+                        "(--preset cpu-physics does)")
     if config is not None:
         where = Path(run_path or ".") / "config.json"
         if not isinstance(config.get("cell_model"), dict) or not isinstance(config.get("scaler"), dict):
             raise UserError(f"{where}: a --generator-head physics run without its cell_model and scaler; restore "
                             f"the run's config.json (its generator cannot be rebuilt without them)")
         load_checked(config["cell_model"], where)
+        if "soc_start" not in config["cell_model"]:
+            raise UserError(f"{where}: its cell_model has no soc_start (written before the head drew the SOC from the "
+                            f"data); train the run again with this version")
         return config["cell_model"], config["scaler"]
     if scaler is None:
         raise UserError(f"{args.data_path}: --generator-head physics needs the data's scaler (V, A, degC) from its "
                         f".json sidecar; rebuild the data with python lg_dataset.py, or drop --generator-head")
-    return load(project_default(args.cell_model, DEFAULT_PATH)), scaler
+    params = load(project_default(args.cell_model, DEFAULT_PATH))
+    params["soc_start"] = soc_start(real, classes, n_classes)
+    return params, scaler
 
 
 def load_checked(params, where) -> None:
+    """params builds a CellModel, or one line naming where they came from."""
     try:
         CellModel(params)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:

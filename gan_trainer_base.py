@@ -163,7 +163,8 @@ class GANTrainerBase(ABC):
         self.classes, self.class_names = condition_classes(a.condition, self.data_path, n)
         self.temperature_anchor = temperature_anchor(self.real_data, self.classes, len(self.class_names), self.scaler,
                                                      a, self.data_path)
-        self.physics = physics_for_run(a, self.scaler, self.run and self.run.read_config(), self.run and self.run.path)
+        self.physics = physics_for_run(a, self.scaler, self.run and self.run.read_config(), self.run and self.run.path,
+                                       self.real_data, self.classes, len(self.class_names))
         if self.batch_size > n:
             raise UserError(f"{self.data_path}: batch size {self.batch_size} is larger than the dataset "
                             f"({n} windows); use -b {n * self.world} or less")

@@ -69,8 +69,9 @@ class Generator(nn.Module):
     channel's deviation from its mean over the sequence; anchor (conditional) = (each class's temperature, a bound),
     in the data's scaled units: the sequence's mean temperature is held softly within the bound of its class's.
     physics (--generator-head physics) = (the cell model's parameters, the data's scaler): the last LSTM gives the
-    cell_model.PhysicsHead's raw channels (a power demand, the temperature, a voltage residual, the starting SOC and
-    current) and the head makes V, I, T of them through the tester, the cell model and the sensors."""
+    cell_model.PhysicsHead's raw channels (a power demand, the temperature, a voltage residual, the current before
+    the window) and the head makes V, I, T of them, from an SOC drawn from the data's, through the tester, the cell
+    model and the sensors."""
 
     def __init__(self, input_dim: int, output_dim: int, seq_len: int, dropout: float = 0.0,
                  scale: float = 1.0, norm_layout: str = "paper", noise: str = "step", n_classes: int = 0,
@@ -124,7 +125,8 @@ class Generator(nn.Module):
         with torch.autocast(raw.device.type, enabled=False):
             raw = self.temperature_head(raw.float(), z[:, :1, self.input_dim:], PHYSICS_TEMPERATURE)
             noise = z[:, :, self.input_dim - PHYSICS_NOISE:self.input_dim].float()
-            return self.physics(raw, noise, raw[..., PHYSICS_TEMPERATURE])
+            return self.physics(raw, noise, raw[..., PHYSICS_TEMPERATURE], z[:, 0, 0].float(),
+                                z[:, 0, self.input_dim:].float())
 
 
 class Discriminator(nn.Module):

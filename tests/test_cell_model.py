@@ -102,13 +102,18 @@ def test_sensor_grain_and_straight_through_gradient():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+def with_soc_start(params: dict, tables: list[list[float]] | None = None) -> dict:
+    """The shipped model with a start-SOC table, as a run records it (default: SOC uniform on 0..1, one class)."""
+    return {**params, "soc_start": tables or [np.linspace(0, 1, cell_model.SOC_QUANTILES).tolist()]}
+
+
 def test_physics_head_holds_the_demand_and_reads_on_grain(params):
     torch.manual_seed(0)
-    head = PhysicsHead(params, SCALER)
+    head = PhysicsHead(with_soc_start(params), SCALER)
     b, t = 4, 120
     raw = (torch.rand(b, t, cell_model.RAW_CHANNELS) * 2 - 1).requires_grad_(True)
     noise = torch.randn(b, t, 4)
-    out = head(raw, noise, torch.full((b, t), 0.9))
+    out = head(raw, noise, torch.full((b, t), 0.9), torch.randn(b), torch.zeros(b, 0))
     assert out.shape == (b, t, 3) and torch.isfinite(out).all()
     lo, hi = np.asarray(SCALER["min"]), np.asarray(SCALER["max"])
     physical = out.detach().numpy() * (hi - lo) + lo
@@ -123,24 +128,53 @@ def test_physics_head_holds_the_demand_and_reads_on_grain(params):
         changes = np.flatnonzero(np.diff(row) != 0) + 1
         assert set(changes) <= set(range(p, t, head.hold))
     out.sum().backward()
-    assert all(raw.grad[..., k].abs().sum() > 0 for k in (0, 2, 3, 4))   # the temperature is the caller's input
+    assert all(raw.grad[..., k].abs().sum() > 0 for k in (0, 2, 3))   # the temperature is the caller's input
+
+
+def test_the_head_draws_the_start_soc_from_the_data(params):
+    """Each window's starting SOC comes from its class's real start-SOC quantiles (soc_start of real windows), not
+    from the generator: a uniform u gives the u-quantile of its class; the voltage's window level follows it."""
+    data = np.load(ROOT / "data" / "lg_600_data.npy", mmap_mode="r")[::10]
+    classes = np.repeat([0, 1], [len(data) // 2, len(data) - len(data) // 2])
+    tables = cell_model.soc_start(np.asarray(data), classes, 2)
+    np.testing.assert_allclose(tables[1], np.quantile(data[classes == 1, 0, 3], np.linspace(0, 1, 101)))
+    head = PhysicsHead(with_soc_start(params, tables), SCALER)
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    onehot = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0]])
+    drawn = head.start_soc(u, onehot).numpy()
+    expect = [tables[0][0], tables[1][25], tables[1][50], tables[0][-1]]
+    np.testing.assert_allclose(drawn, expect, atol=1e-6)
+    # the same raw outputs from two start SOCs: the fuller window sits higher in voltage, by the cell's OCV
+    b, t = 2, 60
+    raw = torch.zeros(b, t, cell_model.RAW_CHANNELS)
+    uniform_head = PhysicsHead(with_soc_start(params), SCALER)
+    held = torch.special.ndtri(torch.tensor([0.2, 0.9]))
+    out = uniform_head(raw, torch.zeros(b, t, 4), torch.full((b, t), 0.9), held, torch.zeros(b, 0))
+    volts = out[..., 0].numpy() * (SCALER["max"][0] - SCALER["min"][0]) + SCALER["min"][0]
+    assert volts[1].mean() - volts[0].mean() > 0.2   # 20 % against 90 % SOC: several hundred mV apart
 
 
 def test_physics_run_trains_resumes_and_generates(tiny_data, soc_model, tmp_path, capsys):
     """--generator-head physics end to end on the tiny GAN: its config records the cell model, -r keeps the head,
     generate.py rebuilds it from config.json alone, and a config without the model is refused in one line."""
     import generate
-    from helpers import make_tiny_run
+    from helpers import make_tiny_run, tiny_args
     from run_dir import RunDir
     from train_lstm_gan import main
-    run = make_tiny_run(tiny_data, soc_model, tmp_path / "results", "--generator-head", "physics", "-e", "2",
-                        "-s", "1")
+    run = make_tiny_run(tiny_data, soc_model, tmp_path / "results", "--generator-head", "physics",
+                        "--generator-noise", "smooth", "-e", "2", "-s", "1")
     config = json.loads((run / "config.json").read_text())
-    assert config["cell_model"] == cell_model.load(SHIPPED) and config["args"]["generator_head"] == "physics"
+    recorded = dict(config["cell_model"])
+    start = recorded.pop("soc_start")
+    assert recorded == cell_model.load(SHIPPED) and config["args"]["generator_head"] == "physics"
+    real = np.load(tiny_data)
+    np.testing.assert_allclose(start[0], np.quantile(real[:, 0, 3], np.linspace(0, 1, 101)), rtol=1e-6)
     base = ["-r", run.name, "--results-dir", str(run.parent)]
     assert main([*base, "-e", "3"]) == 0 and len(RunDir(run).read_losses()) == 4
     assert main([*base, "-e", "4", "--generator-head", "none"]) == 2
     assert "generator_head=none (run: physics)" in capsys.readouterr().err
+    assert main(tiny_args(tiny_data, soc_model, tmp_path / "other", "--generator-head", "physics", "-e", "1")) == 2
+    assert "--generator-noise mixed or smooth" in capsys.readouterr().err and not (tmp_path / "other").exists()
     out = tmp_path / "x.npy"
     assert generate.main([*base, "-n", "3", "-o", str(out), "--seed", "0"]) == 0
     current = np.load(out)[..., 1]   # physical units (A), as generate.py writes them
